@@ -1,0 +1,166 @@
+"""``compressx.apply``: run compression steps on a model. ``run_recipe``: what ``compressx apply recipe.yaml`` does.
+
+The whole engine is one plain loop: for each step, look the pass up, build its config, select its target
+modules, call the pass. No session or global state: everything a run decided is in the returned ``ApplyResult``
+(per-step reports, handles of runtime/training passes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from compressx.config import PassConfig
+from compressx.errors import ConfigError, RecipeError
+from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
+from compressx.registry import PassContext, get_pass, spec_of
+from compressx.targets import select_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step did."""
+
+    pass_name: str
+    kind: str
+    config: PassConfig
+    targets: list[str]
+    step: StepSpec
+    report: dict[str, Any]
+    handle: Any = None
+    reapply_config: PassConfig | None = None
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    """The steps applied to a model, in order, with their reports."""
+
+    steps: list[StepResult]
+
+    def report(self) -> list[dict[str, Any]]:
+        return [{"pass": s.pass_name, "kind": s.kind, **s.report} for s in self.steps]
+
+
+StepLike = StepSpec | dict[str, Any]
+
+
+def _as_step(step: StepLike, index: int) -> tuple[StepSpec, Callable | None]:
+    """A ``StepSpec`` from a step mapping; the mapping's ``pass`` may be a name or a decorated function."""
+    if isinstance(step, StepSpec):
+        return step, None
+    if isinstance(step, dict) and callable(step.get("pass")):
+        fn = step["pass"]
+        spec = get_pass(fn)
+        config = step.get("config", {})
+        config = config if isinstance(config, PassConfig) else spec.config.from_dict(config)
+        targets = step.get("targets")
+        return StepSpec(spec.name, config, tuple(targets) if targets else None, tuple(step.get("ignore", ()))), fn
+    if isinstance(step, dict) and isinstance(step.get("config"), PassConfig):
+        step = dict(step, config=step["config"].to_dict())
+    return parse_step(step, f"steps[{index}]"), None
+
+
+def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, progress: bool = True) -> ApplyResult:
+    """Apply compression steps to ``model`` in place, in order.
+
+    Args:
+        model: the model (an ``nn.Module``; a diffusers pipeline for pipeline passes).
+        steps: ``StepSpec`` objects or mappings ``{"pass": name | decorated fn, "config": {...} | PassConfig,
+            "targets": [...], "ignore": [...]}``.
+        data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor).
+        progress: show progress bars.
+
+    Returns:
+        An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
+    """
+    parsed = [_as_step(step, i) for i, step in enumerate(steps)]
+    problems = (
+        check_steps_on_model(model, [s for s, fn in parsed if fn is None]) if isinstance(model, nn.Module) else []
+    )
+    if problems:
+        raise RecipeError(problems, "<steps>")
+    results = []
+    for i, (step, fn) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
+        spec = spec_of(fn) if fn is not None else get_pass(step.pass_name)
+        if "calibration" in spec.needs and data is None:
+            raise ConfigError(f"pass '{spec.name}' needs calibration data: pass data=...", path=f"steps[{i}]")
+        targets = (
+            select_targets(model, step.targets, step.ignore, spec.target_types, where=f"steps[{i}]")
+            if spec.takes_targets
+            else {}
+        )
+        start = time.perf_counter()
+        out = spec.fn(model, step.config, PassContext(targets=targets, calibration=data, progress=progress))
+        seconds = time.perf_counter() - start
+        log.info("step %d: %s on %d module(s) in %.1f s: %s", i, spec.name, len(targets), seconds, _brief(out.report))
+        results.append(
+            StepResult(
+                pass_name=spec.name,
+                kind=spec.kind,
+                config=step.config,
+                targets=list(targets),
+                step=step,
+                report=out.report,
+                handle=out.handle,
+                reapply_config=out.reapply_config,
+                seconds=seconds,
+            )
+        )
+    return ApplyResult(results)
+
+
+def _brief(report: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, dict | list))
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What ``run_recipe`` produced."""
+
+    model: Any
+    result: ApplyResult
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    export_dir: str | None
+
+
+def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True) -> RunResult:
+    """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs."""
+    from compressx import data as data_mod
+    from compressx.evaluate import evaluate
+    from compressx.export import save
+    from compressx.models import build_model
+
+    # Everything that can be checked without weights is checked first: no hour of work before a typo error.
+    check_recipe(recipe, overwrite=overwrite)
+    loaded = build_model(recipe.model, progress=progress)
+    calibration = None
+    if recipe.calibration is not None:
+        calibration = data_mod.load_tokens(recipe.calibration, loaded.tokenizer)
+    before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
+    result = apply(loaded.model, recipe.steps, calibration, progress=progress)
+    after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
+    export_dir = None
+    if recipe.export and export:
+        problem = check_export_target(recipe.export, overwrite)  # again: something may have appeared meanwhile
+        if problem:
+            raise RecipeError([problem], recipe.source)
+        export_dir = save(
+            loaded.model,
+            recipe.export.dir,
+            result,
+            recipe=recipe,
+            eval_results={"before": before, "after": after},
+            tokenizer=loaded.tokenizer,
+            overwrite=overwrite or recipe.export.overwrite,
+        )
+    return RunResult(loaded.model, result, before, after, export_dir)

@@ -1,0 +1,199 @@
+"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``load``.
+
+It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from compressx.errors import CompressxError
+
+log = logging.getLogger("compressx")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])
+
+
+def _eval_table(before: dict[str, float], after: dict[str, float]) -> str:
+    rows = []
+    for label in after:
+        b, a = before.get(label, math.nan), after[label]
+        rows.append([label, f"{b:.4f}", f"{a:.4f}", f"{(a - b) / b * 100:+.2f}%" if b else "n/a"])
+    return _table(rows, ["metric", "before", "after", "change"])
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from compressx.api import run_recipe
+    from compressx.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export)
+    for i, step in enumerate(run.result.steps):
+        brief = ", ".join(f"{k}={v}" for k, v in step.report.items() if not isinstance(v, dict | list))
+        print(f"step {i}: {step.pass_name} ({step.kind}) on {len(step.targets)} module(s): {brief}")
+    if run.eval_after:
+        print()
+        print(_eval_table(run.eval_before, run.eval_after))
+    if run.export_dir:
+        print(f"\nexported to {run.export_dir}  (reload: compressx.load({run.export_dir!r}))")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from compressx.recipe import check_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_recipe(recipe, overwrite=args.overwrite)
+    print(f"{args.recipe}: ok ({len(recipe.steps)} step(s): {', '.join(s.pass_name for s in recipe.steps)})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from compressx.registry import list_passes
+
+    specs = list_passes()
+    if args.json:
+        print(json.dumps([{"name": s.name, "kind": s.kind, "paper": s.paper, "families": s.families} for s in specs]))
+        return 0
+    rows = [[s.name, s.kind, ", ".join(s.families), s.paper] for s in specs]
+    print(_table(rows, ["pass", "kind", "families", "paper"]))
+    return 0
+
+
+def _show_manifest(directory: str, manifest: dict[str, Any]) -> str:
+    out = [f"compressx export {directory}  (format {manifest['format_version']}, created {manifest.get('created')})"]
+    out.append("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    model = manifest["model"]
+    source = manifest.get("source") or {}
+    out.append(
+        f"model: {model['class']} ({model['format']})"
+        + (f" from {source.get('source')}:{source.get('id')}" if source else "")
+    )
+    for i, step in enumerate(manifest["steps"]):
+        brief = ", ".join(f"{k}={v}" for k, v in step["report"].items() if not isinstance(v, dict | list))
+        out.append(f"step {i}: {step['pass']} ({step['kind']}) config={json.dumps(step['config'])}")
+        out.append(f"  {len(step['targets'])} module(s); {brief}")
+        per_module = step["report"].get("per_module")
+        if isinstance(per_module, dict):
+            rows = [[name, f"{value}"] for name, value in list(per_module.items())[:12]]
+            more = len(per_module) - len(rows)
+            out.append("  " + _table(rows, ["module", "value"]).replace("\n", "\n  "))
+            if more > 0:
+                out.append(f"  … and {more} more")
+    if manifest.get("reapply"):
+        out.append("re-applied on load: " + ", ".join(e["pass"] for e in manifest["reapply"]))
+    ev = manifest.get("eval") or {}
+    if ev.get("after"):
+        out += ["", _eval_table(ev.get("before", {}), ev["after"])]
+    out += ["", "files:"] + [f"  {name}  sha256 {digest[:16]}…" for name, digest in manifest["files"].items()]
+    return "\n".join(out)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from compressx.export import read_manifest
+
+    print(_show_manifest(args.dir, read_manifest(args.dir)))
+    return 0
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    """Load an export (hashes verified, runtime passes re-applied); with --eval, re-run its recorded metrics."""
+    import yaml
+
+    from compressx.evaluate import evaluate, parse_eval_spec
+    from compressx.export import load, load_tokenizer, read_manifest
+
+    model = load(args.dir)
+    manifest = read_manifest(args.dir)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {type(model).__name__} ({params:,} parameters) from {args.dir}; all file hashes match")
+    if not args.eval:
+        return 0
+    recorded = (manifest.get("eval") or {}).get("after") or {}
+    try:
+        with open(f"{args.dir}/recipe.yaml") as f:
+            specs = [parse_eval_spec(e) for e in (yaml.safe_load(f) or {}).get("eval", [])]
+    except FileNotFoundError:
+        specs = []
+    if not specs:
+        raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
+    values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)
+    rows, same = [], True
+    for label, value in values.items():
+        expected = recorded.get(label)
+        same &= expected == value
+        rows.append([label, f"{expected:.6f}" if expected is not None else "-", f"{value:.6f}"])
+    print(_table(rows, ["metric", "recorded after", "reloaded"]))
+    print("reloaded model reproduces the recorded metrics exactly" if same else "MISMATCH with the recorded metrics")
+    return 0 if same else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import compressx
+
+    parser = argparse.ArgumentParser(prog="compressx", description="Apply compression recipes to PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"compressx {compressx.__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("apply", help="run a recipe: build, evaluate, compress, evaluate, export")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. steps.0.config.sparsity=0.6")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    p.add_argument("--no-export", action="store_true", help="skip the export block")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(fn=_cmd_apply)
+
+    p = sub.add_parser("validate", help="check a recipe against the registry and the model's architecture")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--overwrite", action="store_true", help="do not report an existing export directory")
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("list", help="list the registered passes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_list)
+
+    p = sub.add_parser("show", help="print an export's manifest")
+    p.add_argument("dir")
+    p.set_defaults(fn=_cmd_show)
+
+    p = sub.add_parser("load", help="load an export (verifying hashes); --eval re-runs its recorded metrics")
+    p.add_argument("dir")
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_load)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if getattr(args, "no_progress", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return args.fn(args)
+    except CompressxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The exceptions compressx raises for bad input. Each names what is wrong and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CompressxError(Exception):
+    """Base class: a user-facing error. The CLI prints its message and exits with status 2."""
+
+
+class ConfigError(CompressxError):
+    """A pass config (or another block of a recipe) has a bad key or value.
+
+    ``path`` is the dotted location inside the block (e.g. ``"sparsty"``) so that a recipe can prefix it with
+    where the block sits (``steps[1].config.sparsty``).
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.detail = message
+
+
+class RegistryError(CompressxError):
+    """A pass could not be registered or found: duplicate, malformed name, failed plugin import, unknown name."""
+
+
+class TargetError(CompressxError):
+    """A ``targets`` / ``ignore`` pattern matched nothing, or the selection holds no module the pass supports."""
+
+
+class RecipeError(CompressxError):
+    """One or more problems in a recipe, each prefixed with the file and the path inside it."""
+
+    def __init__(self, problems: list[str], source: str = "<recipe>") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = [f"{source}: {p}" for p in self.problems]
+        head = f"{len(lines)} problem(s) in {source}:" if len(lines) > 1 else ""
+        super().__init__("\n".join([head, *lines]) if head else lines[0])
+
+
+class ExportError(CompressxError):
+    """An export could not be written, or an export directory could not be read back (corrupt, missing, unknown)."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice most similar to ``name`` (for 'did you mean' hints), or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(key: str, allowed: Iterable[str]) -> str:
+    allowed = sorted(allowed)
+    hint = closest(key, allowed)
+    msg = f"unknown key '{key}'; allowed: {', '.join(allowed) or '(none)'}"
+    return msg + (f"; did you mean '{hint}'?" if hint else "")

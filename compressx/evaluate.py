@@ -1,0 +1,100 @@
+"""Metrics a recipe's ``eval:`` block can name, run before and after the steps.
+
+``eval: [{metric: perplexity, data: {source: stdlib_text, split: test, samples: 64, seq_len: 256}}]``
+
+* ``perplexity`` — causal language models: exp of the mean next-token cross-entropy over the windows of the
+  data block (every position but the first of each window is predicted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compressx.data import DataSpec, load_tokens, parse_data_spec
+from compressx.errors import CompressxError, ConfigError, unknown_key_message
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """One entry of a recipe's eval list."""
+
+    metric: str
+    data: DataSpec
+    batch_size: int = 8
+
+    @property
+    def label(self) -> str:
+        split = f"/{self.data.split}" if self.data.split else ""
+        return f"{self.metric} ({self.data.source}{split}, {self.data.samples}x{self.data.seq_len})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "data": self.data.to_dict(), "batch_size": self.batch_size}
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> float:
+    """Perplexity of a causal LM on ``[samples, seq_len]`` token windows."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(tokens), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = tokens[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def _run_perplexity(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
+    if tokenizer is None:
+        raise CompressxError(f"{spec.label}: the model has no tokenizer, so text cannot be turned into tokens")
+    if not callable(getattr(model, "forward", None)):
+        raise CompressxError(f"{spec.label}: perplexity needs a causal language model, got {type(model).__name__}")
+    return perplexity(model, load_tokens(spec.data, tokenizer), spec.batch_size, progress)
+
+
+# metric name -> (model families it applies to, runner)
+METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float]]] = {
+    "perplexity": (("llm",), _run_perplexity),
+}
+_KEYS = {"metric", "data", "batch_size"}
+
+
+def parse_eval_spec(block: Any) -> EvalSpec:
+    if not isinstance(block, dict):
+        raise ConfigError(f"expected a mapping like {{metric: perplexity, data: {{...}}}}, got {block!r}")
+    for key in block:
+        if key not in _KEYS:
+            raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
+    if block.get("metric") not in METRICS:
+        raise ConfigError(f"got {block.get('metric')!r}; allowed: {', '.join(sorted(METRICS))}", path="metric")
+    if "data" not in block:
+        raise ConfigError("a metric needs a 'data' block", path="data")
+    try:
+        data = parse_data_spec(block["data"])
+    except ConfigError as err:
+        raise ConfigError(err.detail, path=f"data.{err.path}" if err.path else "data") from err
+    batch_size = block.get("batch_size", 8)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"got {batch_size!r}; expected a positive integer", path="batch_size")
+    return EvalSpec(metric=block["metric"], data=data, batch_size=batch_size)
+
+
+def check_metric_applies(spec: EvalSpec, family: str) -> str | None:
+    families = METRICS[spec.metric][0]
+    if family not in families:
+        return f"metric '{spec.metric}' applies to {', '.join(families)} models, not to this {family} model"
+    return None
+
+
+def evaluate(model: Any, tokenizer: Any, specs: list[EvalSpec], progress: bool = True) -> dict[str, float]:
+    """Run every metric; returns label → value."""
+    return {spec.label: METRICS[spec.metric][1](model, tokenizer, spec, progress) for spec in specs}

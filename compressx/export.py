@@ -1,0 +1,310 @@
+"""Export and reload: ``save(model, dir, result)`` and ``load(dir)``.
+
+An export directory holds:
+
+* the weights in safetensors — ``save_pretrained`` layout for transformers models (``config.json``,
+  ``model.safetensors``), and ``model.safetensors`` + ``config.json`` (how to rebuild the module) for timm and
+  plain torch modules;
+* ``recipe.yaml`` — the resolved recipe, when the export came from one;
+* ``compressx.json`` — the manifest: format version; compressx / torch / transformers versions; every step's pass,
+  config (with its version) and report; the eval results before and after; the runtime/pipeline passes to
+  re-apply on load; and the SHA-256 of every file the model serialiser wrote;
+* ``README.md`` — a model card generated from the manifest.
+
+The export is written to a temporary directory beside the target and renamed into place at the end, so an
+interrupted run leaves nothing at the target; an existing target is replaced only with ``overwrite=True``.
+``load`` verifies the hashes and refuses a corrupt file, a missing file or an unknown format version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+import compressx
+from compressx.errors import CompressxError, ExportError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "compressx.json"
+REAPPLIED_KINDS = ("runtime", "pipeline")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"compressx": compressx.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:
+    """Serialise the model into ``directory``; return the manifest's ``model`` entry."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained(directory, safe_serialization=True)
+        return {"format": "transformers", "class": type(model).__name__}
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"cannot export a {type(model).__name__}: expected a torch module or transformers model")
+    from safetensors.torch import save_model
+
+    save_model(model, str(directory / "model.safetensors"))
+    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    if source and source.get("source") == "timm":
+        entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
+    else:
+        entry.update(format="torch")
+    (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def _model_card(manifest: dict[str, Any]) -> str:
+    lines = ["---", "library_name: compressx", "tags: [compressx, compression]", "---", ""]
+    source = manifest.get("source") or {}
+    lines += [f"# Compressed {manifest['model']['class']}", ""]
+    if source:
+        lines += [f"Base model: `{source.get('source')}:{source.get('id')}`.", ""]
+    lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]
+    for i, step in enumerate(manifest["steps"]):
+        brief = ", ".join(f"{k}={v}" for k, v in step["report"].items() if not isinstance(v, dict | list))
+        lines.append(f"{i + 1}. `{step['pass']}` ({step['kind']}) with `{json.dumps(step['config'])}` — {brief}")
+    ev = manifest.get("eval") or {}
+    if ev.get("before") or ev.get("after"):
+        lines += ["", "| metric | before | after |", "|---|---|---|"]
+        for label in ev.get("after", {}):
+            lines.append(
+                f"| {label} | {ev.get('before', {}).get(label, float('nan')):.4f} | {ev['after'][label]:.4f} |"
+            )
+    lines += ["", "Reload with `compressx.load(dir)`; `compressx show dir` prints the manifest.", ""]
+    return "\n".join(lines)
+
+
+def save(
+    model: Any,
+    directory: str | os.PathLike,
+    result: Any = None,
+    *,
+    recipe: Any = None,
+    eval_results: dict[str, dict[str, float]] | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> str:
+    """Export ``model`` (after ``compressx.apply``) to ``directory``; returns the directory.
+
+    Args:
+        model: the compressed model.
+        directory: the export directory (created; must not exist unless ``overwrite``).
+        result: the ``ApplyResult`` of ``compressx.apply``: its steps and reports go into the manifest, and its
+            runtime passes are re-applied by ``load``.
+        recipe: the ``Recipe`` the run came from, written as ``recipe.yaml``.
+        eval_results: ``{"before": {...}, "after": {...}}`` metric values.
+        tokenizer: saved beside the weights when it has ``save_pretrained`` (transformers tokenizers).
+        overwrite: replace an existing directory.
+    """
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    steps = result.steps if result is not None else []
+    for step in steps:
+        if step.kind in REAPPLIED_KINDS:
+            from compressx.registry import get_pass
+
+            try:
+                get_pass(step.pass_name)
+            except CompressxError as err:
+                raise ExportError(
+                    f"runtime pass '{step.pass_name}' is not registered by name, so load() could not re-apply it: "
+                    "register it through the compressx.passes entry-point group"
+                ) from err
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as err:
+        raise ExportError(f"cannot write the export under {target.parent}: {err}") from err
+    try:
+        source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
+        model_entry = _write_weights(model, tmp, source)
+        weight_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer is not None:
+            model_entry["tokenizer"] = getattr(tokenizer, "name", type(tokenizer).__name__)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "versions": _versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": model_entry,
+            "source": source,
+            "steps": [
+                {
+                    "pass": s.pass_name,
+                    "kind": s.kind,
+                    "config": s.config.to_dict(),
+                    "config_version": type(s.config).version,
+                    "targets": s.targets,
+                    "report": s.report,
+                }
+                for s in steps
+            ],
+            "reapply": [
+                {
+                    "pass": s.pass_name,
+                    "config": (s.reapply_config or s.config).to_dict(),
+                    "config_version": type(s.config).version,
+                    "targets": s.targets or None,
+                }
+                for s in steps
+                if s.kind in REAPPLIED_KINDS
+            ],
+            "eval": eval_results or {},
+            "files": {name: _sha256(tmp / name) for name in weight_files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (tmp / "README.md").write_text(_model_card(manifest))
+        _set_permissions(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise ExportError(f"writing the export to {target} failed: {err}") from err
+        raise
+    log.info("exported to %s (%d weight file(s))", target, len(weight_files))
+    return str(target)
+
+
+def _set_permissions(directory: Path) -> None:
+    """Give the export the usual modes (mkdtemp and some serialisers create owner-only files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an export, checked for a known format version."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{directory} is not a compressx export: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path} is unreadable: {err}") from err
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{path}: unknown format_version {version!r}; this compressx reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def verify(directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
+    """Check every recorded file exists and has its recorded SHA-256."""
+    manifest = manifest or read_manifest(directory)
+    for name, expected in manifest["files"].items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise ExportError(f"{directory}: file '{name}' listed in {MANIFEST} is missing")
+        actual = _sha256(path)
+        if actual != expected:
+            raise ExportError(
+                f"{directory}: file '{name}' is corrupt (SHA-256 {actual[:12]}…, expected {expected[:12]}…)"
+            )
+
+
+def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    from safetensors.torch import load_model
+
+    fmt = entry.get("format")
+    if fmt == "transformers":
+        import transformers
+
+        cls = getattr(transformers, entry["class"], None)
+        if cls is None:
+            raise ExportError(f"this transformers has no class {entry['class']!r} to rebuild the model with")
+        return cls.from_pretrained(directory).eval()
+    if fmt == "timm":
+        import timm
+
+        model = timm.create_model(entry["architecture"], pretrained=False, **entry.get("kwargs", {}))
+    elif fmt == "torch":
+        if model is None:
+            raise ExportError(
+                f"{directory} holds a plain torch module ({entry.get('class')}); pass model=<an instance of it> "
+                "to load the weights into"
+            )
+    else:
+        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: transformers, timm, torch")
+    load_model(model, str(directory / "model.safetensors"))
+    return model.eval()
+
+
+def load(directory: str | os.PathLike, *, model: nn.Module | None = None, progress: bool = False) -> Any:
+    """Rebuild a compressed model from an export: verify hashes, load weights, re-apply runtime passes.
+
+    Args:
+        directory: an export written by ``compressx.save`` / ``compressx apply``.
+        model: for exports of plain torch modules, an instance to load the weights into.
+        progress: show progress bars while re-applying passes.
+    """
+    from compressx.api import apply
+    from compressx.registry import get_pass
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify(directory, manifest)
+    for entry in manifest.get("reapply", []):
+        spec = get_pass(entry["pass"])
+        if entry.get("config_version") != spec.config.version:
+            raise ExportError(
+                f"pass '{entry['pass']}' config version {entry.get('config_version')} in the export, but the "
+                f"installed pass reads version {spec.config.version}"
+            )
+    try:
+        rebuilt = _read_weights(directory, manifest["model"], model)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ExportError(f"{directory}: cannot rebuild the model: {err}") from err
+    if manifest.get("reapply"):
+        steps = [{"pass": e["pass"], "config": e["config"], "targets": e["targets"]} for e in manifest["reapply"]]
+        apply(rebuilt, steps, progress=progress)
+    return rebuilt
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The tokenizer saved with an export (a transformers tokenizer, or the zoo's byte tokenizer), or None."""
+    manifest = read_manifest(directory)
+    if manifest["model"].get("tokenizer") == "bytes":
+        from compressx.data import ByteTokenizer
+
+        return ByteTokenizer()
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

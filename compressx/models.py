@@ -1,0 +1,176 @@
+"""Building the model a recipe names: ``model: {source, id, dtype, ...}``.
+
+Sources:
+
+* ``hf`` — a transformers model: a hub id or a local directory, loaded with ``class`` (default
+  ``AutoModelForCausalLM``; any transformers class with ``from_pretrained``, e.g. ``LlavaForConditionalGeneration``);
+* ``timm`` — ``timm.create_model(id, pretrained=..., **kwargs)``;
+* ``diffusers`` — a pipeline directory or hub id, loaded with ``DiffusionPipeline.from_pretrained``;
+* ``zoo`` — a compressx proxy model (``compressx.zoo``), built on first use.
+
+``build_model(spec, meta=True)`` builds the architecture on the meta device — no weights read, no training — so
+``compressx validate`` can resolve targets against it in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compressx.errors import CompressxError, ConfigError, unknown_key_message
+
+SOURCES = ("hf", "timm", "diffusers", "zoo")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A recipe's model block."""
+
+    source: str
+    id: str
+    dtype: str = "float32"
+    cls: str | None = None  # ``class:`` in YAML (hf only)
+    pretrained: bool = True  # timm only: False builds random weights (tests, architecture checks)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source, "id": self.id, "dtype": self.dtype}
+        if self.cls:
+            out["class"] = self.cls
+        if self.source == "timm":
+            out["pretrained"] = self.pretrained
+        if self.kwargs:
+            out["kwargs"] = dict(self.kwargs)
+        return out
+
+
+_KEYS = {"source", "id", "dtype", "class", "pretrained", "kwargs"}
+
+
+def parse_model_spec(block: Any) -> ModelSpec:
+    if not isinstance(block, dict):
+        raise ConfigError(f"expected a mapping like {{source: zoo, id: llama_byte_1m}}, got {block!r}")
+    for key in block:
+        if key not in _KEYS:
+            raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
+    if block.get("source") not in SOURCES:
+        raise ConfigError(f"got {block.get('source')!r}; allowed: {', '.join(SOURCES)}", path="source")
+    if not isinstance(block.get("id"), str) or not block["id"]:
+        raise ConfigError(f"got {block.get('id')!r}; expected a hub id, local directory or name", path="id")
+    if block.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"got {block.get('dtype')!r}; allowed: {', '.join(DTYPES)}", path="dtype")
+    if "class" in block and block["source"] != "hf":
+        raise ConfigError("'class' applies to source hf only", path="class")
+    if "pretrained" in block and (block["source"] != "timm" or not isinstance(block["pretrained"], bool)):
+        raise ConfigError("'pretrained' is true/false and applies to source timm only", path="pretrained")
+    if not isinstance(block.get("kwargs", {}), dict):
+        raise ConfigError("expected a mapping of keyword arguments", path="kwargs")
+    return ModelSpec(
+        source=block["source"],
+        id=block["id"],
+        dtype=block.get("dtype", "float32"),
+        cls=block.get("class"),
+        pretrained=block.get("pretrained", True),
+        kwargs=dict(block.get("kwargs", {})),
+    )
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A built model with what evaluation needs beside it."""
+
+    model: Any  # nn.Module, or a diffusers pipeline
+    spec: ModelSpec
+    tokenizer: Any = None
+    family: str = "any"
+
+
+def _hf_class(spec: ModelSpec):
+    import transformers
+
+    name = spec.cls or "AutoModelForCausalLM"
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(f"transformers has no model class {name!r}", path="class")
+    return cls
+
+
+def _family_of(model: Any) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "llm"
+    if "Llava" in name or name.endswith("ForConditionalGeneration"):
+        return "mllm"
+    if "Pipeline" in name:
+        return "diffusion"
+    return "any"
+
+
+def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> LoadedModel:
+    """Build the model a spec names; with ``meta=True`` only its architecture, on the meta device."""
+    dtype = DTYPES[spec.dtype]
+    try:
+        if spec.source == "zoo":
+            from compressx import zoo
+
+            member = zoo.get_member(spec.id)
+            if meta:
+                with torch.device("meta"):
+                    model = member.build_empty()
+                return LoadedModel(model.to(dtype), spec, member.tokenizer(), member.family)
+            model, tokenizer = zoo.load_zoo_model(spec.id, progress=progress)
+            return LoadedModel(model.to(dtype).eval(), spec, tokenizer, member.family)
+        if spec.source == "hf":
+            import transformers
+
+            cls = _hf_class(spec)
+            if meta:
+                config = transformers.AutoConfig.from_pretrained(spec.id, **spec.kwargs)
+                with torch.device("meta"):
+                    if hasattr(cls, "from_config"):
+                        model = cls.from_config(config, dtype=dtype)
+                    else:
+                        model = cls._from_config(config, dtype=dtype)
+            else:
+                model = cls.from_pretrained(spec.id, dtype=dtype, **spec.kwargs).eval()
+            return LoadedModel(model, spec, _hf_tokenizer(spec.id), _family_of(model))
+        if spec.source == "timm":
+            import timm
+
+            if meta:
+                with torch.device("meta"):
+                    model = timm.create_model(spec.id, pretrained=False, **spec.kwargs)
+            else:
+                model = timm.create_model(spec.id, pretrained=spec.pretrained, **spec.kwargs).eval()
+            return LoadedModel(model.to(dtype), spec, None, "vit" if "vit" in spec.id else "any")
+        if spec.source == "diffusers":
+            import diffusers
+
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **spec.kwargs)
+            return LoadedModel(pipe, spec, None, "diffusion")
+    except CompressxError:
+        raise
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        raise CompressxError(f"cannot build model {spec.source}:{spec.id}: {type(err).__name__}: {err}") from err
+    raise ConfigError(f"got {spec.source!r}; allowed: {', '.join(SOURCES)}", path="source")
+
+
+def _hf_tokenizer(model_id: str) -> Any:
+    """The model's tokenizer, or None when its directory has none (metrics that need text then say so)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def as_module(model: Any) -> nn.Module:
+    """The ``nn.Module`` passes act on. A diffusers pipeline is not one: pipeline passes take it whole."""
+    if isinstance(model, nn.Module):
+        return model
+    raise CompressxError(f"{type(model).__name__} is not a torch module; only pipeline passes apply to it")

@@ -1,0 +1,76 @@
+"""Sparsity masks shared by the pruning passes: unstructured magnitude masks and N:M masks.
+
+N:M convention (used by every compressx pass): a mask is N:M when, in every block of M consecutive weights along
+the *input* dimension, at most N are kept (so ``2:4`` keeps half). For a Linear weight ``[out, in]`` the blocks
+are M consecutive input features of a row. For a Conv weight ``[out, in, *kernel]`` the weight is viewed as
+``[out, *kernel, in]`` (channels-last, "OHWI") and the blocks are M consecutive input channels at a fixed output
+channel and kernel position — the layout of the LBC and SpRe reference code and of sparse tensor cores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """``"2:4"`` → ``(2, 4)``. Raises ValueError unless ``0 < N < M``."""
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def to_input_last(weight: torch.Tensor) -> torch.Tensor:
+    """View a Linear ``[O, I]`` or Conv ``[O, I, *k]`` weight with the input dimension last (``[O, *k, I]``)."""
+    return weight if weight.dim() == 2 else weight.movedim(1, -1)
+
+
+def from_input_last(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_input_last`` for a tensor shaped like ``to_input_last(like)``."""
+    return tensor if like.dim() == 2 else tensor.movedim(-1, 1).contiguous()
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean keep-mask with the N highest ``scores`` of every M-block along the input dimension.
+
+    ``scores`` has the weight's shape (Linear or Conv). The input dimension must be divisible by M.
+    Ties are broken towards the lower index, so the mask is deterministic.
+    """
+    blocks_last = to_input_last(scores)
+    if blocks_last.shape[-1] % m:
+        raise ValueError(f"input dimension {blocks_last.shape[-1]} is not divisible by M={m}")
+    blocks = blocks_last.reshape(-1, m)
+    order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, order, True)
+    return from_input_last(keep.reshape(blocks_last.shape), scores)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
+    """Boolean keep-mask that drops the ``round(sparsity * count)`` lowest scores.
+
+    With ``dim=None`` the count is over the whole tensor (per-layer); with ``dim=1`` it is per output row
+    (each row of a Linear weight, each output channel of a Conv weight). Ties drop the lower index first.
+    """
+    flat = scores.reshape(1, -1) if dim is None else scores.reshape(scores.shape[0], -1)
+    n_drop = round(sparsity * flat.shape[1])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if n_drop:
+        drop = torch.sort(flat, dim=1, stable=True).indices[:, :n_drop]
+        keep.scatter_(1, drop, False)
+    return keep.reshape(scores.shape)
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every M-block along the input dimension has at most N non-zeros."""
+    blocks_last = to_input_last(weight)
+    if blocks_last.shape[-1] % m:
+        return False
+    return bool(((blocks_last.reshape(-1, m) != 0).sum(dim=1) <= n).all())
+
+
+def sparsity_of(tensor: torch.Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((tensor == 0).sum()) / tensor.numel()

@@ -1,0 +1,223 @@
+"""The pass registry: every compression pass by its snake_case name.
+
+A pass is a function ``apply_<name>(model, config, ctx) -> PassResult`` marked with ``@register_pass``. Marking
+only attaches a ``PassSpec`` to the function; the registry itself is built once, on first use, from two places:
+
+* the built-in modules listed in ``compressx.passes.BUILTIN_PASS_MODULES``;
+* third-party plugins, found through the entry-point group ``compressx.passes``. An entry point is named after
+  the pass and points at the decorated function (``my_pkg.passes:apply_my_pass``) or at a module that defines it.
+
+Registration is loud: a duplicate name, a malformed name, a plugin that fails to import or that does not define
+the pass it declares raises ``RegistryError`` naming the plugin. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch.nn as nn
+
+from compressx.config import PassConfig
+from compressx.errors import RegistryError, closest
+
+PassKind = Literal["weights", "training", "runtime", "pipeline"]
+PASS_KINDS: tuple[str, ...] = ("weights", "training", "runtime", "pipeline")
+ENTRY_POINT_GROUP = "compressx.passes"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+_SPEC_ATTR = "__compressx_pass__"
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass receives besides the model and its config.
+
+    ``targets`` are the modules the step selected (name → module, in model order), already filtered to the
+    pass's ``target_types``; it is empty for passes that act on the whole model. ``calibration`` holds the
+    step's calibration data (a ``[samples, seq_len]`` token tensor for text) when the pass ``needs`` it.
+    """
+
+    targets: dict[str, nn.Module]
+    calibration: Any = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass returns.
+
+    ``report`` is JSON-ready (it goes into ``compressx.json``): what the pass decided and measured.
+    ``handle`` is set by runtime passes (an object with ``remove()``) and training passes (``on_step``,
+    ``finalize``, ``remove``). ``reapply_config`` is the config a runtime pass is re-applied with on load, when
+    it differs from the one given (e.g. a layer chosen by calibration, now fixed).
+    """
+
+    report: dict[str, Any]
+    handle: Any = None
+    reapply_config: PassConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """A registered pass: its function, config class and what it declares about itself."""
+
+    name: str
+    fn: Callable[[nn.Module, PassConfig, PassContext], PassResult]
+    config: type[PassConfig]
+    kind: str
+    paper: str
+    families: tuple[str, ...]
+    target_types: tuple[type[nn.Module], ...] | None
+    needs: tuple[str, ...] = ()
+    check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None
+    origin: str = ""
+
+    @property
+    def takes_targets(self) -> bool:
+        return self.target_types is not None
+
+
+def register_pass(
+    name: str,
+    *,
+    config: type[PassConfig],
+    kind: PassKind,
+    paper: str,
+    families: Iterable[str],
+    target_types: Iterable[type[nn.Module]] | None = None,
+    needs: Iterable[str] = (),
+    check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Mark ``fn(model, config, ctx) -> PassResult`` as the pass ``name``.
+
+    Args:
+        name: snake_case registry name; equals the module file name and the recipe's ``pass:`` value.
+        config: the pass's frozen ``PassConfig`` dataclass.
+        kind: ``weights`` | ``training`` | ``runtime`` | ``pipeline``.
+        paper: the paper (title and arXiv id) or ``"baseline"``.
+        families: model families the pass supports (e.g. ``("llm", "vit", "cnn")``), shown by ``compressx list``.
+        target_types: module classes the pass changes; ``targets`` in a recipe select among them. ``None`` for a
+            pass that acts on the whole model and takes no targets.
+        needs: inputs the pass requires, e.g. ``("calibration",)``.
+        check: optional ``check(targets, config) -> [problem, ...]`` run by ``compressx validate`` on the meta
+            model (shapes only, no weights), e.g. to reject an input dimension that N:M cannot divide.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(f"pass name {name!r} is not snake_case (lowercase letters, digits, single underscores)")
+    if kind not in PASS_KINDS:
+        raise RegistryError(f"pass '{name}': kind {kind!r} is not one of {', '.join(PASS_KINDS)}")
+    if not (isinstance(config, type) and issubclass(config, PassConfig) and dataclasses.is_dataclass(config)):
+        raise RegistryError(f"pass '{name}': config must be a PassConfig dataclass, got {config!r}")
+    own_params = config.__dict__.get("__dataclass_params__")  # absent when the subclass was not decorated itself
+    if own_params is None or not own_params.frozen:
+        raise RegistryError(f"pass '{name}': decorate {config.__name__} with @dataclasses.dataclass(frozen=True)")
+    unknown_needs = set(needs) - {"calibration"}
+    if unknown_needs:
+        raise RegistryError(f"pass '{name}': unknown needs {sorted(unknown_needs)}; allowed: calibration")
+
+    def mark(fn: Callable) -> Callable:
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) != 3 or len(params) != 3:
+            raise RegistryError(
+                f"pass '{name}': {fn.__module__}.{fn.__qualname__} must take exactly (model, config, ctx)"
+            )
+        spec = PassSpec(
+            name=name,
+            fn=fn,
+            config=config,
+            kind=kind,
+            paper=paper,
+            families=tuple(families),
+            target_types=None if target_types is None else tuple(target_types),
+            needs=tuple(needs),
+            check=check,
+            origin=f"{fn.__module__}.{fn.__qualname__}",
+        )
+        setattr(fn, _SPEC_ATTR, spec)
+        return fn
+
+    return mark
+
+
+def spec_of(obj: Any) -> PassSpec | None:
+    """The ``PassSpec`` attached to a decorated pass function, or None."""
+    return getattr(obj, _SPEC_ATTR, None)
+
+
+def _specs_in_module(module: types.ModuleType) -> list[PassSpec]:
+    specs = [spec_of(v) for v in vars(module).values()]
+    return [s for s in specs if s is not None and s.fn.__module__ == module.__name__]
+
+
+def _add(registry: dict[str, PassSpec], spec: PassSpec, where: str) -> None:
+    if spec.name in registry:
+        raise RegistryError(
+            f"duplicate pass name '{spec.name}': {where} defines it, but {registry[spec.name].origin} already does"
+        )
+    registry[spec.name] = spec
+
+
+def build_registry(
+    builtin_modules: Iterable[str], entry_points: Iterable[importlib.metadata.EntryPoint]
+) -> dict[str, PassSpec]:
+    """Import the built-in pass modules and the plugins; return name → spec. Raises on any problem."""
+    registry: dict[str, PassSpec] = {}
+    for module_name in builtin_modules:
+        for spec in _specs_in_module(importlib.import_module(module_name)):
+            _add(registry, spec, spec.origin)
+    for ep in entry_points:
+        dist = getattr(ep, "dist", None)
+        plugin = f"plugin '{ep.name}' ({ep.value}" + (f", from {dist.name} {dist.version})" if dist else ")")
+        if not _NAME_RE.match(ep.name):
+            raise RegistryError(f"{plugin}: entry-point name {ep.name!r} is not a snake_case pass name")
+        try:
+            obj = ep.load()
+        except Exception as err:  # a plugin that cannot import is an error, never skipped
+            raise RegistryError(f"{plugin} failed to import: {type(err).__name__}: {err}") from err
+        if isinstance(obj, types.ModuleType):
+            specs = [s for s in _specs_in_module(obj) if s.name == ep.name]
+            spec = specs[0] if specs else None
+        else:
+            spec = spec_of(obj)
+        if spec is None or spec.name != ep.name:
+            found = f"'{spec.name}'" if spec else "no function marked with @compressx.register_pass"
+            raise RegistryError(f"{plugin} must point at the pass '{ep.name}', found {found}")
+        _add(registry, spec, plugin)
+    return registry
+
+
+@functools.cache
+def _registry() -> dict[str, PassSpec]:
+    from compressx.passes import BUILTIN_PASS_MODULES
+
+    return build_registry(BUILTIN_PASS_MODULES, importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def get_pass(name_or_fn: str | Callable) -> PassSpec:
+    """The pass registered under ``name``; a decorated function is accepted as is (for passes in user code)."""
+    if not isinstance(name_or_fn, str):
+        spec = spec_of(name_or_fn)
+        if spec is None:
+            raise RegistryError(f"{name_or_fn!r} is not a pass: mark it with @compressx.register_pass")
+        return spec
+    registry = _registry()
+    if name_or_fn not in registry:
+        hint = closest(name_or_fn, registry)
+        raise RegistryError(
+            f"unknown pass '{name_or_fn}'; registered: {', '.join(sorted(registry))}"
+            + (f"; did you mean '{hint}'?" if hint else "")
+        )
+    return registry[name_or_fn]
+
+
+def list_passes() -> list[PassSpec]:
+    """Every registered pass, sorted by name."""
+    return [spec for _, spec in sorted(_registry().items())]

@@ -1,0 +1,102 @@
+"""The offline proxy zoo: small models compressx trains itself, deterministically, from data every machine has.
+
+No pretrained weights can be downloaded in many settings (CI, air-gapped clusters), so ``model: {source: zoo,
+id: NAME}`` builds the member on first use (with a progress bar) and caches it under
+``$COMPRESSX_CACHE/zoo/<name>/<key>/``, where the key holds the builder version, the Python version (the stdlib
+corpus differs between them) and the corpus fingerprint. Later uses load it from there.
+
+The cache directory is ``$COMPRESSX_CACHE``, else ``$XDG_CACHE_HOME/compressx``, else ``~/.cache/compressx``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from compressx.data import ByteTokenizer, corpus_fingerprint
+from compressx.errors import CompressxError, closest
+from compressx.zoo import llama_byte
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooMember:
+    name: str
+    family: str
+    description: str
+    builder_version: int
+    build_empty: Callable[[], nn.Module]
+    train: Callable[..., tuple[nn.Module, dict[str, Any]]]
+    load: Callable[[str], nn.Module]
+    tokenizer: Callable[[], Any]
+    cache_salt: Callable[[], str]
+
+
+MEMBERS: dict[str, ZooMember] = {
+    llama_byte.NAME: ZooMember(
+        name=llama_byte.NAME,
+        family="llm",
+        description=llama_byte.__doc__.strip().splitlines()[0],
+        builder_version=llama_byte.BUILDER_VERSION,
+        build_empty=llama_byte.build_empty,
+        train=llama_byte.train,
+        load=llama_byte.load,
+        tokenizer=ByteTokenizer,
+        cache_salt=lambda: corpus_fingerprint()[:16],
+    ),
+}
+
+
+def get_member(name: str) -> ZooMember:
+    if name not in MEMBERS:
+        hint = closest(name, MEMBERS)
+        raise CompressxError(
+            f"unknown zoo model '{name}'; available: {', '.join(sorted(MEMBERS))}"
+            + (f"; did you mean '{hint}'?" if hint else "")
+        )
+    return MEMBERS[name]
+
+
+def cache_root() -> Path:
+    if os.environ.get("COMPRESSX_CACHE"):
+        return Path(os.environ["COMPRESSX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "compressx"
+
+
+def cache_dir(member: ZooMember) -> Path:
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache_root() / "zoo" / member.name / f"v{member.builder_version}-{py}-{member.cache_salt()}"
+
+
+def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
+    """The zoo member ``name`` (built and cached on first use) and its tokenizer."""
+    member = get_member(name)
+    target = cache_dir(member)
+    if not (target / "build.json").is_file():
+        log.info("zoo model %s is not cached; building it into %s", name, target)
+        model, info = member.train(progress=progress)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():  # a half-finished earlier build (no build.json): replace it
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("built %s in %.0f s: val perplexity %.3f", name, info["build_seconds"], info["val_perplexity"])
+    return member.load(str(target)), member.tokenizer()

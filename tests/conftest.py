@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real architectures built from small configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+class TinyCNN(nn.Module):
+    """A plain torch module with Conv and Linear layers (the 'plain module' export path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory) -> str:
+    """A cache directory shared by the tests that need a built zoo model (built once per session).
+
+    Set COMPRESSX_TEST_CACHE to reuse a cache across runs while developing.
+    """
+    import os
+
+    return os.environ.get("COMPRESSX_TEST_CACHE") or str(tmp_path_factory.mktemp("compressx-cache"))

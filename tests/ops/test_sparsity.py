@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from compressx.ops.sparsity import is_nm_sparse, nm_mask, parse_nm, sparsity_of, topk_mask
+
+
+def test_parse_nm():
+    assert parse_nm("2:4") == (2, 4)
+    assert parse_nm("1:8") == (1, 8)
+    for bad in ["4:4", "0:4", "2-4", "a:b", "2:4:8"]:
+        with pytest.raises(ValueError):
+            parse_nm(bad)
+
+
+def test_nm_mask_linear_keeps_n_largest_per_block():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 4.0, 3.0, 2.0, 1.0]])
+    mask = nm_mask(scores, 2, 4)
+    assert mask.tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (2, 8), (3, 8)])
+def test_nm_mask_conv_blocks_run_along_input_channels(n, m):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 16, 3, 3)
+    mask = nm_mask(weight.abs(), n, m)
+    # every (out, kh, kw) position has exactly n kept in each block of m consecutive input channels
+    per_block = mask.permute(0, 2, 3, 1).reshape(-1, m).sum(dim=1)
+    assert torch.all(per_block == n)
+    assert is_nm_sparse(weight * mask, n, m)
+    # the kept ones are the largest of their block
+    blocks = weight.abs().permute(0, 2, 3, 1).reshape(-1, m)
+    kept = mask.permute(0, 2, 3, 1).reshape(-1, m)
+    assert torch.all(
+        blocks[kept].reshape(-1, n).min(dim=1).values >= blocks[~kept].reshape(-1, m - n).max(dim=1).values
+    )
+
+
+def test_nm_mask_rejects_indivisible_input():
+    with pytest.raises(ValueError, match="not divisible by M=4"):
+        nm_mask(torch.rand(3, 6), 2, 4)
+
+
+def test_is_nm_sparse_detects_violation():
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert not is_nm_sparse(w, 2, 4)
+    assert is_nm_sparse(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 2, 4)
+
+
+def test_topk_mask_layer_and_row_counts():
+    torch.manual_seed(0)
+    scores = torch.rand(8, 10)
+    layer = topk_mask(scores, 0.3)
+    assert int((~layer).sum()) == 24
+    threshold = scores[~layer].max()
+    assert torch.all(scores[layer] >= threshold)
+    row = topk_mask(scores, 0.3, dim=1)
+    assert torch.all((~row).sum(dim=1) == 3)
+
+
+def test_topk_mask_ties_are_deterministic_and_exact():
+    scores = torch.zeros(4, 4)
+    mask = topk_mask(scores, 0.5)
+    assert int((~mask).sum()) == 8
+    assert torch.equal(mask, topk_mask(scores.clone(), 0.5))
+
+
+def test_sparsity_of():
+    assert sparsity_of(torch.tensor([0.0, 1.0, 0.0, 2.0])) == 0.5

@@ -1,0 +1,200 @@
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compressx
+from compressx import export as export_mod
+from compressx.config import PassConfig
+from compressx.errors import ExportError
+from compressx.registry import PassResult, register_pass
+
+PRUNE = [{"pass": "magnitude", "config": {"sparsity": 0.5}, "ignore": ["lm_head"]}]
+
+
+def _logits(model, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_round_trip_gives_bit_identical_logits(tiny_llama, tmp_path):
+    result = compressx.apply(tiny_llama, PRUNE)
+    out = compressx.save(tiny_llama, tmp_path / "exp", result)
+    loaded = compressx.load(out)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert torch.equal(_logits(tiny_llama), _logits(loaded))
+    for (name, a), (_, b) in zip(tiny_llama.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_manifest_contents(tiny_llama, tmp_path):
+    result = compressx.apply(tiny_llama, PRUNE)
+    compressx.save(tiny_llama, tmp_path / "exp", result, eval_results={"before": {"m": 1.0}, "after": {"m": 2.0}})
+    manifest = compressx.read_manifest(tmp_path / "exp")
+    assert manifest["format_version"] == 1
+    assert set(manifest["versions"]) == {"compressx", "torch", "transformers"}
+    step = manifest["steps"][0]
+    assert step["pass"] == "magnitude" and step["kind"] == "weights"
+    assert step["config"] == {"sparsity": 0.5, "pattern": "unstructured", "scope": "layer"}
+    assert step["report"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert len(step["targets"]) == 14
+    assert manifest["eval"] == {"before": {"m": 1.0}, "after": {"m": 2.0}}
+    assert "model.safetensors" in manifest["files"] and "config.json" in manifest["files"]
+    assert manifest["reapply"] == []
+    assert (tmp_path / "exp" / "README.md").read_text().count("magnitude") >= 1
+
+
+def test_corrupt_weight_file_is_refused(tiny_llama, tmp_path):
+    out = compressx.save(tiny_llama, tmp_path / "exp")
+    weights = tmp_path / "exp" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte deep in a tensor: the file still parses, the hash catches it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="'model.safetensors' is corrupt"):
+        compressx.load(out)
+
+
+def test_missing_file_and_bad_manifest_are_refused(tiny_llama, tmp_path):
+    out = compressx.save(tiny_llama, tmp_path / "exp")
+    os.remove(tmp_path / "exp" / "config.json")
+    with pytest.raises(ExportError, match="'config.json' listed in compressx.json is missing"):
+        compressx.load(out)
+    manifest_path = tmp_path / "exp" / "compressx.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, format_version=99)))
+    with pytest.raises(ExportError, match="unknown format_version 99; this compressx reads version 1"):
+        compressx.load(out)
+    manifest_path.write_text("{not json")
+    with pytest.raises(ExportError, match="unreadable"):
+        compressx.load(out)
+    with pytest.raises(ExportError, match="not a compressx export"):
+        compressx.load(tmp_path)
+
+
+def test_existing_target_needs_overwrite(tiny_llama, tmp_path):
+    compressx.save(tiny_llama, tmp_path / "exp")
+    with pytest.raises(ExportError, match="exists; pass overwrite=True"):
+        compressx.save(tiny_llama, tmp_path / "exp")
+    (tmp_path / "exp" / "stale.txt").write_text("from an older export")
+    compressx.save(tiny_llama, tmp_path / "exp", overwrite=True)
+    assert not (tmp_path / "exp" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temporary directories left
+
+
+def test_interrupted_export_leaves_nothing_at_target(tiny_llama, tmp_path, monkeypatch):
+    def crash(manifest):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the model card is written, after the weights
+
+    monkeypatch.setattr(export_mod, "_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compressx.save(tiny_llama, tmp_path / "exp")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_export(tiny_llama, tmp_path, monkeypatch):
+    compressx.save(tiny_llama, tmp_path / "exp")
+    before = (tmp_path / "exp" / "compressx.json").read_text()
+    monkeypatch.setattr(export_mod, "_model_card", lambda manifest: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        compressx.save(tiny_llama, tmp_path / "exp", overwrite=True)
+    assert (tmp_path / "exp" / "compressx.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_unwritable_export_dir_is_one_clear_error(tiny_llama, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="cannot write the export under"):
+        compressx.save(tiny_llama, blocker / "exp")
+
+
+def test_plain_module_round_trip(tiny_cnn, tmp_path):
+    from conftest import TinyCNN
+
+    result = compressx.apply(tiny_cnn, [{"pass": "magnitude", "config": {"pattern": "2:4"}, "ignore": ["stem"]}])
+    compressx.save(tiny_cnn, tmp_path / "cnn", result)
+    with pytest.raises(ExportError, match=r"plain torch module \(conftest.TinyCNN\); pass model="):
+        compressx.load(tmp_path / "cnn")
+    loaded = compressx.load(tmp_path / "cnn", model=TinyCNN())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(tiny_cnn(x), loaded(x))
+
+
+def test_timm_model_round_trip(tmp_path):
+    from compressx.models import build_model
+    from compressx.recipe import parse_recipe
+
+    spec = {
+        "source": "timm",
+        "id": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "kwargs": {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 2},
+    }
+    recipe = parse_recipe(
+        {"model": spec, "steps": [{"pass": "magnitude", "config": {"pattern": "2:4"}, "ignore": ["patch_embed.proj"]}]}
+    )
+    model = build_model(recipe.model).model
+    result = compressx.apply(model, recipe.steps)
+    compressx.save(model, tmp_path / "vit", result, recipe=recipe)
+    loaded = compressx.load(tmp_path / "vit")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert (tmp_path / "vit" / "recipe.yaml").is_file()
+
+
+# A runtime pass: it changes forward (through a hook), not the weights, and must be re-applied on load.
+@dataclasses.dataclass(frozen=True)
+class ScaleLogitsConfig(PassConfig):
+    factor: float = 2.0
+
+
+@register_pass(
+    "scale_logits",
+    config=ScaleLogitsConfig,
+    kind="runtime",
+    paper="test",
+    families=("llm",),
+    target_types=(nn.Linear,),
+)
+def apply_scale_logits(model, config, ctx):
+    handles = [m.register_forward_hook(lambda mod, inp, out: out * config.factor) for m in ctx.targets.values()]
+    return PassResult(
+        report={"hooked": len(handles)}, handle=handles, reapply_config=ScaleLogitsConfig(factor=config.factor)
+    )
+
+
+@pytest.fixture
+def with_runtime_pass(monkeypatch):
+    from compressx import registry
+
+    table = dict(registry._registry(), scale_logits=registry.spec_of(apply_scale_logits))
+    monkeypatch.setattr(registry, "_registry", lambda: table)
+
+
+def test_runtime_pass_is_reapplied_on_load(tiny_llama, tmp_path, with_runtime_pass):
+    plain = _logits(tiny_llama)
+    result = compressx.apply(tiny_llama, [{"pass": "scale_logits", "config": {"factor": 3.0}, "targets": ["lm_head"]}])
+    assert torch.allclose(_logits(tiny_llama), plain * 3.0)
+    compressx.save(tiny_llama, tmp_path / "rt", result)
+    manifest = compressx.read_manifest(tmp_path / "rt")
+    assert manifest["reapply"] == [
+        {"pass": "scale_logits", "config": {"factor": 3.0}, "config_version": 1, "targets": ["lm_head"]}
+    ]
+    loaded = compressx.load(tmp_path / "rt")
+    assert torch.equal(_logits(loaded), _logits(tiny_llama))
+
+
+def test_runtime_pass_with_newer_config_version_is_refused(tiny_llama, tmp_path, with_runtime_pass):
+    result = compressx.apply(tiny_llama, [{"pass": "scale_logits", "targets": ["lm_head"]}])
+    compressx.save(tiny_llama, tmp_path / "rt", result)
+    path = tmp_path / "rt" / "compressx.json"
+    manifest = json.loads(path.read_text())
+    manifest["reapply"][0]["config_version"] = 7
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="config version 7 in the export, but the installed pass reads version 1"):
+        compressx.load(tmp_path / "rt")

@@ -1,0 +1,151 @@
+"""Every recipe error gives its message (file, path, allowed values, closest match) and exit status 2."""
+
+import textwrap
+
+import pytest
+
+from compressx.cli import main
+from compressx.errors import RecipeError
+from compressx.recipe import load_recipe
+
+GOOD = """
+model: {source: zoo, id: llama_byte_1m}
+steps:
+  - pass: magnitude
+    targets: ["re:.*mlp.*"]
+    ignore: ["lm_head"]
+    config: {sparsity: 0.5, pattern: unstructured}
+eval:
+  - metric: perplexity
+    data: {source: stdlib_text, split: test, samples: 4, seq_len: 32}
+export: {dir: EXPORT}
+"""
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str, name: str = "recipe.yaml") -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).replace("EXPORT", str(tmp_path / "out")))
+        return str(path)
+
+    return write
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_good_recipe_validates_without_building_the_model(write, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSX_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(["validate", write(GOOD)], capsys)
+    assert code == 0, err
+    assert "ok (1 step(s): magnitude)" in out
+    assert not (tmp_path / "cache").exists()  # the zoo model was not built: meta device only
+
+
+def test_resolved_recipe_keeps_defaults(write):
+    recipe = load_recipe(write(GOOD))
+    assert recipe.steps[0].config.scope == "layer"
+    assert recipe.to_dict()["steps"][0] == {
+        "pass": "magnitude",
+        "targets": ["re:.*mlp.*"],
+        "ignore": ["lm_head"],
+        "config": {"sparsity": 0.5, "pattern": "unstructured", "scope": "layer"},
+    }
+
+
+BAD = [
+    # (edit of GOOD, expected fragments of the message)
+    (
+        ("sparsity: 0.5", "sparsty: 0.5"),
+        [
+            "steps[0].config.sparsty",
+            "unknown key 'sparsty'",
+            "allowed: pattern, scope, sparsity",
+            "did you mean 'sparsity'?",
+        ],
+    ),
+    (("pass: magnitude", "pass: magnitud"), ["steps[0].pass", "unknown pass 'magnitud'", "did you mean 'magnitude'?"]),
+    (("    ignore:", "    ignor:"), ["steps[0].ignor", "unknown key 'ignor'", "did you mean 'ignore'?"]),
+    (("model:", "modle:"), ["modle: unknown key 'modle'", "did you mean 'model'?"]),
+    (("sparsity: 0.5", "sparsity: 1.5"), ["steps[0].config.sparsity", "[0, 1)"]),
+    (("sparsity: 0.5", "sparsity: lots"), ["steps[0].config.sparsity", "got 'lots'; expected number or null"]),
+    (("pattern: unstructured", "pattern: 2:4"), ["steps[0].config.pattern", "got 124", "quote it"]),
+    (("source: zoo", "source: hub"), ["model.source", "allowed: hf, timm, diffusers, zoo"]),
+    (("metric: perplexity", "metric: perplexty"), ["eval[0].metric", "allowed: perplexity"]),
+    (("split: test", "split: tests"), ["eval[0].data.split", "allowed: train, val, test"]),
+    (("re:.*mlp.*", "re:.*mpl.*"), ["steps[0].targets[0]", "matches no module"]),
+    (('ignore: ["lm_head"]', 'ignore: ["lm_haed"]'), ["steps[0].ignore[0]", "did you mean 'lm_head'?"]),
+    (("id: llama_byte_1m", "id: llama_bytes"), ["model:", "unknown zoo model 'llama_bytes'", "did you mean"]),
+]
+
+
+@pytest.mark.parametrize("edit, fragments", BAD, ids=[b[0][1] for b in BAD])
+def test_bad_recipe_names_the_problem_and_exits_2(write, capsys, edit, fragments):
+    path = write(GOOD.replace(*edit))
+    code, out, err = run_cli(["validate", path], capsys)
+    assert code == 2
+    assert path in err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_several_problems_are_all_reported(write, capsys):
+    path = write(GOOD.replace("sparsity: 0.5", "sparsty: 0.5").replace("metric: perplexity", "metric: bleu"))
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and "2 problem(s)" in err and "sparsty" in err and "bleu" in err
+
+
+def test_overrides_are_applied_and_validated(write, capsys):
+    recipe = load_recipe(write(GOOD), ["steps.0.config.sparsity=0.7", 'steps.0.config.pattern="unstructured"'])
+    assert recipe.steps[0].config.sparsity == 0.7
+    code, _, err = run_cli(["validate", write(GOOD), "steps.0.config.sparsty=0.6"], capsys)
+    assert code == 2 and "did you mean 'sparsity'?" in err
+    code, _, err = run_cli(["validate", write(GOOD), "steps.0.config.sparsity"], capsys)
+    assert code == 2 and "not of the form key.path=value" in err
+
+
+def test_existing_export_dir_is_reported_before_any_work(write, capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(["validate", write(GOOD)], capsys)
+    assert code == 2 and "exists; pass --overwrite" in err
+    assert run_cli(["validate", write(GOOD), "--overwrite"], capsys)[0] == 0
+
+
+def test_unwritable_export_dir(write, capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(["validate", write(GOOD.replace("EXPORT", str(blocker / "sub" / "x")))], capsys)
+    assert code == 2 and f"{blocker} is a file, not a directory" in err
+
+
+def test_missing_and_malformed_files(tmp_path, capsys):
+    code, _, err = run_cli(["validate", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "no such recipe file" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [\n")
+    code, _, err = run_cli(["validate", str(bad)], capsys)
+    assert code == 2 and "cannot read YAML" in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: {source: zoo, id: llama_byte_1m}\n")
+    code, _, err = run_cli(["validate", str(empty)], capsys)
+    assert code == 2 and "non-empty list of steps" in err
+
+
+def test_nm_on_an_indivisible_layer_is_caught_by_validate(write, capsys):
+    # every Linear of the zoo model has an input dim divisible by 4, but not by 256
+    path = write(GOOD.replace("pattern: unstructured", 'pattern: "1:256"').replace("sparsity: 0.5", "sparsity: null"))
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and "not divisible by M=256" in err
+
+
+def test_parse_error_type():
+    from compressx.recipe import parse_recipe
+
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"steps": [{"pass": "magnitude", "config": {"sparsity": 2}}]}, "x.yaml")
+    assert err.value.problems == ["steps[0].config.sparsity: got 2.0; sparsity must be in [0, 1)"]

@@ -1,0 +1,17 @@
+"""Every recipe shipped under recipes/ validates (meta device: no weights, no zoo build)."""
+
+from pathlib import Path
+
+import pytest
+
+from compressx.recipe import check_recipe, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSX_CACHE", str(tmp_path))
+    recipe = load_recipe(path, [f"export.dir={tmp_path / 'out'}"])
+    check_recipe(recipe)
+    assert not any(tmp_path.iterdir())  # validation built nothing

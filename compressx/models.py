@@ -150,6 +150,10 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
         if spec.source == "diffusers":
             import diffusers
 
+            if meta:
+                # A pipeline is several models; validation only checks that the pipeline config resolves.
+                # Pipeline passes take no targets, so there is nothing to resolve against the modules.
+                return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
             pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **spec.kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:

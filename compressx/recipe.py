@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -272,7 +273,14 @@ def check_recipe(recipe: Recipe, overwrite: bool = False) -> None:
     except CompressxError as err:
         problems.append(f"model: {err}")
         raise RecipeError(problems, recipe.source) from err
-    problems += check_steps_on_model(loaded.model, recipe.steps)
+    if isinstance(loaded.model, nn.Module):
+        problems += check_steps_on_model(loaded.model, recipe.steps)
+    else:
+        problems += [
+            f"steps[{i}]: pass '{s.pass_name}' changes torch modules; a {recipe.model.source} pipeline is not one"
+            for i, s in enumerate(recipe.steps)
+            if get_pass(s.pass_name).kind != "pipeline"
+        ]
     for i, step in enumerate(recipe.steps):
         if "calibration" in get_pass(step.pass_name).needs and recipe.calibration is None:
             problems.append(f"steps[{i}]: pass '{step.pass_name}' needs calibration data: add data.calibration")

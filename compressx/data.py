@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from compressx.errors import ConfigError, unknown_key_message
+from compressx.errors import ConfigError, unknown_key_message, unknown_name_message
 
 SPLITS = ("train", "val", "test")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -125,8 +125,7 @@ def parse_data_spec(block: Any) -> DataSpec:
         raise ConfigError(f"expected a mapping with a 'source' key, got {block!r}")
     source = block.get("source")
     if source not in TEXT_SOURCES:
-        hint = f"; allowed: {', '.join(sorted(TEXT_SOURCES))}"
-        raise ConfigError(f"unknown data source {source!r}{hint}", path="source")
+        raise ConfigError(unknown_name_message("data source", str(source), TEXT_SOURCES), path="source")
     extra, required, _ = TEXT_SOURCES[source]
     for key in block:
         if key not in _COMMON_KEYS | extra:

@@ -52,8 +52,13 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def unknown_key_message(key: str, allowed: Iterable[str]) -> str:
+def unknown_name_message(what: str, name: str, allowed: Iterable[str]) -> str:
+    """``unknown <what> '<name>'; allowed: ...; did you mean '<closest>'?``"""
     allowed = sorted(allowed)
-    hint = closest(key, allowed)
-    msg = f"unknown key '{key}'; allowed: {', '.join(allowed) or '(none)'}"
+    hint = closest(name, allowed)
+    msg = f"unknown {what} '{name}'; allowed: {', '.join(allowed) or '(none)'}"
     return msg + (f"; did you mean '{hint}'?" if hint else "")
+
+
+def unknown_key_message(key: str, allowed: Iterable[str]) -> str:
+    return unknown_name_message("key", key, allowed)

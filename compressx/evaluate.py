@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compressx.data import DataSpec, load_tokens, parse_data_spec
-from compressx.errors import CompressxError, ConfigError, unknown_key_message
+from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def parse_eval_spec(block: Any) -> EvalSpec:
         if key not in _KEYS:
             raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
     if block.get("metric") not in METRICS:
-        raise ConfigError(f"got {block.get('metric')!r}; allowed: {', '.join(sorted(METRICS))}", path="metric")
+        raise ConfigError(unknown_name_message("metric", str(block.get("metric")), METRICS), path="metric")
     if "data" not in block:
         raise ConfigError("a metric needs a 'data' block", path="data")
     try:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from compressx.config import PassConfig
-from compressx.errors import RegistryError, closest
+from compressx.errors import RegistryError, unknown_name_message
 
 PassKind = Literal["weights", "training", "runtime", "pipeline"]
 PASS_KINDS: tuple[str, ...] = ("weights", "training", "runtime", "pipeline")
@@ -210,11 +210,7 @@ def get_pass(name_or_fn: str | Callable) -> PassSpec:
         return spec
     registry = _registry()
     if name_or_fn not in registry:
-        hint = closest(name_or_fn, registry)
-        raise RegistryError(
-            f"unknown pass '{name_or_fn}'; registered: {', '.join(sorted(registry))}"
-            + (f"; did you mean '{hint}'?" if hint else "")
-        )
+        raise RegistryError(unknown_name_message("pass", name_or_fn, registry))
     return registry[name_or_fn]
 
 

@@ -75,7 +75,10 @@ BAD = [
     (("sparsity: 0.5", "sparsity: lots"), ["steps[0].config.sparsity", "got 'lots'; expected number or null"]),
     (("pattern: unstructured", "pattern: 2:4"), ["steps[0].config.pattern", "got 124", "quote it"]),
     (("source: zoo", "source: hub"), ["model.source", "allowed: hf, timm, diffusers, zoo"]),
-    (("metric: perplexity", "metric: perplexty"), ["eval[0].metric", "allowed: perplexity"]),
+    (
+        ("metric: perplexity", "metric: perplexty"),
+        ["eval[0].metric", "unknown metric 'perplexty'; allowed: perplexity; did you mean 'perplexity'?"],
+    ),
     (("split: test", "split: tests"), ["eval[0].data.split", "allowed: train, val, test"]),
     (("re:.*mlp.*", "re:.*mpl.*"), ["steps[0].targets[0]", "matches no module"]),
     (('ignore: ["lm_head"]', 'ignore: ["lm_haed"]'), ["steps[0].ignore[0]", "did you mean 'lm_head'?"]),

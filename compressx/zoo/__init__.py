@@ -24,7 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from compressx.data import ByteTokenizer, corpus_fingerprint
-from compressx.errors import CompressxError, closest
+from compressx.errors import CompressxError, unknown_name_message
 from compressx.zoo import llama_byte
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,7 @@ MEMBERS: dict[str, ZooMember] = {
 
 def get_member(name: str) -> ZooMember:
     if name not in MEMBERS:
-        hint = closest(name, MEMBERS)
-        raise CompressxError(
-            f"unknown zoo model '{name}'; available: {', '.join(sorted(MEMBERS))}"
-            + (f"; did you mean '{hint}'?" if hint else "")
-        )
+        raise CompressxError(unknown_name_message("zoo model", name, MEMBERS))
     return MEMBERS[name]
 
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compressx.config import PassConfig
-from compressx.errors import ConfigError, RecipeError
+from compressx.errors import RecipeError
 from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
-from compressx.registry import PassContext, get_pass, spec_of
+from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
 from compressx.targets import select_targets
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ class StepResult:
     kind: str
     config: PassConfig
     targets: list[str]
-    step: StepSpec
     report: dict[str, Any]
     handle: Any = None
     reapply_config: PassConfig | None = None
@@ -53,24 +52,27 @@ class ApplyResult:
 StepLike = StepSpec | dict[str, Any]
 
 
-def _as_step(step: StepLike, index: int) -> tuple[StepSpec, Callable | None]:
-    """A ``StepSpec`` from a step mapping; the mapping's ``pass`` may be a name or a decorated function."""
+def _as_step(step: StepLike, index: int) -> tuple[StepSpec, PassSpec]:
+    """A step and its pass, from a ``StepSpec`` or a mapping whose ``pass`` is a name or a decorated function."""
     if isinstance(step, StepSpec):
-        return step, None
+        return step, get_pass(step.pass_name)
     if isinstance(step, dict) and callable(step.get("pass")):
-        fn = step["pass"]
-        spec = get_pass(fn)
+        spec = get_pass(step["pass"])
         config = step.get("config", {})
         config = config if isinstance(config, PassConfig) else spec.config.from_dict(config)
         targets = step.get("targets")
-        return StepSpec(spec.name, config, tuple(targets) if targets else None, tuple(step.get("ignore", ()))), fn
+        return StepSpec(spec.name, config, tuple(targets) if targets else None, tuple(step.get("ignore", ()))), spec
     if isinstance(step, dict) and isinstance(step.get("config"), PassConfig):
         step = dict(step, config=step["config"].to_dict())
-    return parse_step(step, f"steps[{index}]"), None
+    parsed = parse_step(step, f"steps[{index}]")
+    return parsed, get_pass(parsed.pass_name)
 
 
 def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, progress: bool = True) -> ApplyResult:
     """Apply compression steps to ``model`` in place, in order.
+
+    Every step is checked (config, targets, shapes, calibration data) before the first one runs, so a bad step
+    never leaves the model half-compressed.
 
     Args:
         model: the model (an ``nn.Module``; a diffusers pipeline for pipeline passes).
@@ -83,16 +85,17 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
     """
     parsed = [_as_step(step, i) for i, step in enumerate(steps)]
-    problems = (
-        check_steps_on_model(model, [s for s, fn in parsed if fn is None]) if isinstance(model, nn.Module) else []
-    )
+    problems = check_steps_on_model(model, parsed) if isinstance(model, nn.Module) else []
+    problems += [
+        f"steps[{i}]: pass '{spec.name}' needs calibration data: pass data=..."
+        for i, (_, spec) in enumerate(parsed)
+        if "calibration" in spec.needs and data is None
+    ]
     if problems:
         raise RecipeError(problems, "<steps>")
     results = []
-    for i, (step, fn) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
-        spec = spec_of(fn) if fn is not None else get_pass(step.pass_name)
-        if "calibration" in spec.needs and data is None:
-            raise ConfigError(f"pass '{spec.name}' needs calibration data: pass data=...", path=f"steps[{i}]")
+    for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
+        # Targets are resolved again here: an earlier step may have replaced modules.
         targets = (
             select_targets(model, step.targets, step.ignore, spec.target_types, where=f"steps[{i}]")
             if spec.takes_targets
@@ -101,14 +104,14 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
         start = time.perf_counter()
         out = spec.fn(model, step.config, PassContext(targets=targets, calibration=data, progress=progress))
         seconds = time.perf_counter() - start
-        log.info("step %d: %s on %d module(s) in %.1f s: %s", i, spec.name, len(targets), seconds, _brief(out.report))
+        summary = summarize_report(out.report)
+        log.info("step %d: %s on %d module(s) in %.1f s: %s", i, spec.name, len(targets), seconds, summary)
         results.append(
             StepResult(
                 pass_name=spec.name,
                 kind=spec.kind,
                 config=step.config,
                 targets=list(targets),
-                step=step,
                 report=out.report,
                 handle=out.handle,
                 reapply_config=out.reapply_config,
@@ -116,10 +119,6 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             )
         )
     return ApplyResult(results)
-
-
-def _brief(report: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, dict | list))
 
 
 @dataclasses.dataclass

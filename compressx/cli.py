@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from compressx.errors import CompressxError
+from compressx.registry import summarize_report
 
 log = logging.getLogger("compressx")
 
@@ -39,8 +40,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export)
     for i, step in enumerate(run.result.steps):
-        brief = ", ".join(f"{k}={v}" for k, v in step.report.items() if not isinstance(v, dict | list))
-        print(f"step {i}: {step.pass_name} ({step.kind}) on {len(step.targets)} module(s): {brief}")
+        summary = summarize_report(step.report)
+        print(f"step {i}: {step.pass_name} ({step.kind}) on {len(step.targets)} module(s): {summary}")
     if run.eval_after:
         print()
         print(_eval_table(run.eval_before, run.eval_after))
@@ -80,9 +81,8 @@ def _show_manifest(directory: str, manifest: dict[str, Any]) -> str:
         + (f" from {source.get('source')}:{source.get('id')}" if source else "")
     )
     for i, step in enumerate(manifest["steps"]):
-        brief = ", ".join(f"{k}={v}" for k, v in step["report"].items() if not isinstance(v, dict | list))
         out.append(f"step {i}: {step['pass']} ({step['kind']}) config={json.dumps(step['config'])}")
-        out.append(f"  {len(step['targets'])} module(s); {brief}")
+        out.append(f"  {len(step['targets'])} module(s); {summarize_report(step['report'])}")
         per_module = step["report"].get("per_module")
         if isinstance(per_module, dict):
             rows = [[name, f"{value}"] for name, value in list(per_module.items())[:12]]

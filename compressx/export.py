@@ -34,6 +34,7 @@ import yaml
 
 import compressx
 from compressx.errors import CompressxError, ExportError
+from compressx.registry import get_pass, summarize_report
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _model_card(manifest: dict[str, Any]) -> str:
         lines += [f"Base model: `{source.get('source')}:{source.get('id')}`.", ""]
     lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]
     for i, step in enumerate(manifest["steps"]):
-        brief = ", ".join(f"{k}={v}" for k, v in step["report"].items() if not isinstance(v, dict | list))
+        brief = summarize_report(step["report"])
         lines.append(f"{i + 1}. `{step['pass']}` ({step['kind']}) with `{json.dumps(step['config'])}` — {brief}")
     ev = manifest.get("eval") or {}
     if ev.get("before") or ev.get("after"):
@@ -126,8 +127,6 @@ def save(
     steps = result.steps if result is not None else []
     for step in steps:
         if step.kind in REAPPLIED_KINDS:
-            from compressx.registry import get_pass
-
             try:
                 get_pass(step.pass_name)
             except CompressxError as err:
@@ -273,7 +272,6 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, progre
         progress: show progress bars while re-applying passes.
     """
     from compressx.api import apply
-    from compressx.registry import get_pass
 
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -36,7 +36,7 @@ from compressx.data import DataSpec, parse_data_spec
 from compressx.errors import CompressxError, ConfigError, RecipeError, TargetError, unknown_key_message
 from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
 from compressx.models import ModelSpec, build_model, parse_model_spec
-from compressx.registry import get_pass
+from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_targets
 
 TOP_KEYS = ("model", "data", "steps", "eval", "export")
@@ -241,11 +241,10 @@ def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | No
     return None
 
 
-def check_steps_on_model(model: Any, steps: Sequence[StepSpec]) -> list[str]:
+def check_steps_on_model(model: nn.Module, steps: Sequence[tuple[StepSpec, PassSpec]]) -> list[str]:
     """Resolve every step's targets on ``model`` (a meta model will do) and run the passes' shape checks."""
     problems = []
-    for i, step in enumerate(steps):
-        spec = get_pass(step.pass_name)
+    for i, (step, spec) in enumerate(steps):
         if not spec.takes_targets:
             continue
         try:
@@ -274,7 +273,7 @@ def check_recipe(recipe: Recipe, overwrite: bool = False) -> None:
         problems.append(f"model: {err}")
         raise RecipeError(problems, recipe.source) from err
     if isinstance(loaded.model, nn.Module):
-        problems += check_steps_on_model(loaded.model, recipe.steps)
+        problems += check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
     else:
         problems += [
             f"steps[{i}]: pass '{s.pass_name}' changes torch modules; a {recipe.model.source} pipeline is not one"

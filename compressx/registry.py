@@ -64,6 +64,11 @@ class PassResult:
     reapply_config: PassConfig | None = None
 
 
+def summarize_report(report: dict[str, Any]) -> str:
+    """The scalar entries of a report on one line (``sparsity=0.5, modules=28``), for logs and listings."""
+    return ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, dict | list))
+
+
 @dataclasses.dataclass(frozen=True)
 class PassSpec:
     """A registered pass: its function, config class and what it declares about itself."""

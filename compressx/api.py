@@ -97,7 +97,7 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
     for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
         # Targets are resolved again here: an earlier step may have replaced modules.
         targets = (
-            select_targets(model, step.targets, step.ignore, spec.target_types, where=f"steps[{i}]")
+            select_targets(model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]")
             if spec.takes_targets
             else {}
         )
@@ -161,5 +161,6 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
             eval_results={"before": before, "after": after},
             tokenizer=loaded.tokenizer,
             overwrite=overwrite or recipe.export.overwrite,
+            sparse_format=recipe.export.sparse_format,
         )
     return RunResult(loaded.model, result, before, after, export_dir)

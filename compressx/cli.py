@@ -92,6 +92,25 @@ def _show_manifest(directory: str, manifest: dict[str, Any]) -> str:
                 out.append(f"  … and {more} more")
     if manifest.get("reapply"):
         out.append("re-applied on load: " + ", ".join(e["pass"] for e in manifest["reapply"]))
+    record = manifest.get("sparsity")
+    if record is not None:  # exports written before the sparsity record have none
+        line = "sparsity: no weight tensor has exact zeros"
+        if record:
+            patterns: dict[str, int] = {}
+            for entry in record.values():
+                patterns[entry["pattern"]] = patterns.get(entry["pattern"], 0) + 1
+            fractions = sorted(entry["sparsity"] for entry in record.values())
+            spread = f"{fractions[0]}" + (f"–{fractions[-1]}" if fractions[-1] != fractions[0] else "")
+            kinds = ", ".join(f"{pattern} ×{count}" for pattern, count in sorted(patterns.items()))
+            line = f"sparsity: {len(record)} weight tensor(s) with zeros ({kinds}), zero fraction {spread}"
+        packed = manifest.get("sparse_format")
+        if packed:
+            ratio = f"{packed['ratio']:.3f}" if packed.get("ratio") is not None else "-"
+            line += (
+                f"; packed ({packed['format']}): {packed['file']} {packed['bytes']:,} bytes vs "
+                f"{packed['dense_bytes']:,} dense (ratio {ratio})"
+            )
+        out.append(line)
     ev = manifest.get("eval") or {}
     if ev.get("after"):
         out += ["", _eval_table(ev.get("before", {}), ev["after"])]

@@ -5,15 +5,19 @@ Text sources give ``[samples, seq_len]`` token tensors, used as calibration data
 * ``stdlib_text`` — the Python standard library's own ``.py`` files (without its test suites and
   site-packages), split **by file** into train / val / test with a hash of each file's relative path, so the
   split is fixed for a given Python version and needs no list shipped;
-* ``text_file`` — a local UTF-8 text file (``path:``).
+* ``text_file`` — a local UTF-8 text file (``path:``);
+* ``text_files`` — several local text files (``paths:``, a list of paths or globs), joined in order;
+* ``hf_dataset`` — a Hugging Face dataset the user has locally (``path:``, ``split:``, ``text_field:``,
+  ``data_files:``); needs the optional ``datasets`` package.
 
-A data block is ``{source, split?, path?, samples, seq_len, seed}``; ``samples`` windows of ``seq_len`` tokens
+A data block is ``{source, <source keys>, samples, seq_len, seed}``; ``samples`` windows of ``seq_len`` tokens
 are drawn at random positions with ``seed``, so the same block always gives the same tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import os
 import sysconfig
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from compressx.errors import ConfigError, unknown_key_message, unknown_name_message
+from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
 
 SPLITS = ("train", "val", "test")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -96,25 +100,78 @@ class DataSpec:
     source: str
     split: str | None = None
     path: str | None = None
+    paths: tuple[str, ...] | None = None
+    text_field: str | None = None
+    data_files: str | None = None
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None
+        }
 
 
-def _read_text_file(spec: DataSpec) -> str:
+def _read(path: str, key: str) -> str:
     try:
-        return Path(spec.path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read text file {spec.path!r}: {err}", path="path") from err
+        raise ConfigError(f"cannot read text file {path!r}: {err}", path=key) from err
+
+
+def _expand(patterns: tuple[str, ...]) -> list[str]:
+    """Every file the paths / globs name, sorted within each pattern; a pattern matching nothing is an error."""
+    files = []
+    for i, pattern in enumerate(patterns):
+        found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            raise ConfigError(f"{pattern!r} matches no file", path=f"paths[{i}]")
+        files += found
+    return files
+
+
+def _hf_dataset_text(spec: DataSpec) -> str:
+    """Documents of a local (or locally cached) Hugging Face dataset, shuffled with the seed, joined.
+
+    Enough documents are taken to hold about 8 bytes per needed token, as the reference loaders draw random
+    documents from one C4 shard. ``path`` may be a ``save_to_disk`` directory or anything ``load_dataset``
+    takes (a local dataset directory, data files, or a hub name already in the local cache).
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise CompressxError("data source 'hf_dataset' needs the 'datasets' package: pip install datasets") from err
+    try:
+        if os.path.isfile(os.path.join(spec.path, "dataset_info.json")) or os.path.isfile(
+            os.path.join(spec.path, "dataset_dict.json")
+        ):
+            data = datasets.load_from_disk(spec.path)
+            data = data[spec.split or "train"] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            data = datasets.load_dataset(spec.path, data_files=spec.data_files, split=spec.split or "train")
+    except Exception as err:  # datasets raises many types; the user needs the path and the cause
+        raise CompressxError(f"cannot load dataset {spec.path!r}: {type(err).__name__}: {err}") from err
+    field = spec.text_field or "text"
+    if field not in data.column_names:
+        raise ConfigError(f"dataset has no column {field!r}; columns: {', '.join(data.column_names)}", "text_field")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    needed, texts = spec.samples * spec.seq_len * 8, []
+    for index in order:
+        texts.append(data[index][field])
+        needed -= len(texts[-1])
+        if needed <= 0:
+            break
+    return "\n\n".join(texts)
 
 
 # source name -> (keys allowed besides source/samples/seq_len/seed, required keys, text loader)
 TEXT_SOURCES: dict[str, tuple[set[str], set[str], Callable[[DataSpec], str]]] = {
     "stdlib_text": ({"split"}, set(), lambda spec: stdlib_text(spec.split or "test")),
-    "text_file": ({"path"}, {"path"}, _read_text_file),
+    "text_file": ({"path"}, {"path"}, lambda spec: _read(spec.path, "path")),
+    "text_files": ({"paths"}, {"paths"}, lambda spec: "\n\n".join(_read(f, "paths") for f in _expand(spec.paths))),
+    "hf_dataset": ({"path", "split", "text_field", "data_files"}, {"path"}, _hf_dataset_text),
 }
 _COMMON_KEYS = {"source", "samples", "seq_len", "seed"}
 
@@ -139,10 +196,21 @@ def parse_data_spec(block: Any) -> DataSpec:
     seed = block.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"got {seed!r}; expected an integer", path="seed")
-    if "split" in block and block["split"] not in SPLITS:
+    for key in ("path", "split", "text_field", "data_files"):
+        if key in block and not isinstance(block[key], str):
+            raise ConfigError(f"got {block[key]!r}; expected a string", path=key)
+    if source == "stdlib_text" and block.get("split", "test") not in SPLITS:
         raise ConfigError(f"got {block['split']!r}; allowed: {', '.join(SPLITS)}", path="split")
-    if "path" in block and not os.path.isfile(str(block["path"])):
+    if source == "text_file" and not os.path.isfile(block["path"]):
         raise ConfigError(f"no such file {block['path']!r}", path="path")
+    if source == "text_files":
+        paths = block["paths"]
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list | tuple) or not paths or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"got {paths!r}; expected a list of file paths or globs", path="paths")
+        _expand(tuple(paths))
+        block = dict(block, paths=tuple(paths))
     return DataSpec(**block)
 
 

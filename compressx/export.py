@@ -9,11 +9,17 @@ An export directory holds:
 * ``compressx.json`` — the manifest: format version; compressx / torch / transformers versions; every step's pass,
   config (with its version) and report; the eval results before and after; the runtime/pipeline passes to
   re-apply on load; and the SHA-256 of every file the model serialiser wrote;
-* ``README.md`` — a model card generated from the manifest.
+* ``README.md`` — a model card generated from the manifest;
+* ``sparse.safetensors`` — with ``sparse_format="bitmask"`` only: the sparse weight tensors packed as non-zero
+  values plus a 1-bit-per-element mask (``compressx.ops.packing``), beside the unchanged dense weights.
+
+The manifest always records, under ``sparsity``, the fraction of exact zeros and the pattern (``"2:4"``, …, or
+``"unstructured"``) of every floating-point ``*weight`` tensor of dimension >= 2 that has zeros.
 
 The export is written to a temporary directory beside the target and renamed into place at the end, so an
 interrupted run leaves nothing at the target; an existing target is replaced only with ``overwrite=True``.
-``load`` verifies the hashes and refuses a corrupt file, a missing file or an unknown format version.
+``load`` verifies the hashes and refuses a corrupt file, a missing file or an unknown format version;
+``load_sparse_state_dict`` does the same and returns the dense tensors unpacked from ``sparse.safetensors``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ import yaml
 
 import compressx
 from compressx.errors import CompressxError, ExportError
+from compressx.ops.packing import pack_bitmask, pack_zero_signs, unpack_bitmask
+from compressx.ops.sparsity import is_nm_sparse
 from compressx.registry import get_pass, summarize_report
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "compressx.json"
 REAPPLIED_KINDS = ("runtime", "pipeline")
+SPARSE_FORMATS = ("none", "bitmask")
+SPARSE_FILE = "sparse.safetensors"
+# The N:M patterns a sparsity record can name, tightest first (by N/M, then by M: 1:4 implies 2:8).
+NM_PATTERNS = ((1, 8), (1, 4), (2, 8), (2, 4), (4, 8))
 
 
 def _sha256(path: Path) -> str:
@@ -78,6 +91,64 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
     return entry
 
 
+def sparsity_entry(weight: torch.Tensor) -> dict[str, Any]:
+    """The manifest's sparsity record of one weight: ``{"sparsity": <zero fraction>, "pattern": <pattern>}``.
+
+    The pattern is the tightest of ``NM_PATTERNS`` that ``weight`` satisfies along its input dimension (OHWI for
+    convs, as the pruning passes use) *and* whose sparsity ``1 - N/M`` is exactly the measured one (within 1e-9);
+    otherwise ``"unstructured"``. So a 2:4 weight with one extra zero reads as unstructured.
+    """
+    sparsity = int((weight == 0).sum()) / weight.numel()
+    pattern = "unstructured"
+    for n, m in NM_PATTERNS:
+        if abs((1 - n / m) - sparsity) <= 1e-9 and is_nm_sparse(weight, n, m):
+            pattern = f"{n}:{m}"
+            break
+    return {"sparsity": round(sparsity, 6), "pattern": pattern}
+
+
+def _sparse_weights(directory: Path, files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The saved tensors a sparsity record covers: floating point, named ``*weight``, dim >= 2, some zero."""
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.endswith(".safetensors"):
+            continue
+        with safe_open(str(directory / file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                if not name.endswith("weight"):
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and tensor.dim() >= 2 and bool((tensor == 0).any()):
+                    yield name, tensor
+
+
+def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """Write ``tensors`` bitmask-packed to ``path``; return the manifest's ``sparse_format`` entry."""
+    from safetensors.torch import save_file
+
+    packed: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, tensor in tensors.items():
+        packed[f"{name}.values"], packed[f"{name}.bitmask"] = pack_bitmask(tensor)
+        signs = pack_zero_signs(tensor)
+        if signs is not None:
+            packed[f"{name}.zero_signs"] = signs
+        shapes[name] = list(tensor.shape)
+    save_file(packed, str(path), metadata={"sparse_format": "bitmask", "shapes": json.dumps(shapes)})
+    size = path.stat().st_size
+    dense = sum(t.numel() * t.element_size() for t in tensors.values())
+    if not tensors:
+        log.warning("sparse_format bitmask: no weight tensor has exact zeros, so %s packs nothing", path.name)
+    return {
+        "format": "bitmask",
+        "file": path.name,
+        "bytes": size,
+        "dense_bytes": dense,
+        "ratio": round(size / dense, 6) if dense else None,
+    }
+
+
 def _model_card(manifest: dict[str, Any]) -> str:
     lines = ["---", "library_name: compressx", "tags: [compressx, compression]", "---", ""]
     source = manifest.get("source") or {}
@@ -108,6 +179,7 @@ def save(
     eval_results: dict[str, dict[str, float]] | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
+    sparse_format: str = "none",
 ) -> str:
     """Export ``model`` (after ``compressx.apply``) to ``directory``; returns the directory.
 
@@ -120,7 +192,12 @@ def save(
         eval_results: ``{"before": {...}, "after": {...}}`` metric values.
         tokenizer: saved beside the weights when it has ``save_pretrained`` (transformers tokenizers).
         overwrite: replace an existing directory.
+        sparse_format: ``"none"`` (default) or ``"bitmask"``: also write ``sparse.safetensors``, the sparse weight
+            tensors as non-zero values plus a bitmask (see ``docs/export.md``; reload with
+            ``load_sparse_state_dict``). The dense weights are written either way.
     """
+    if sparse_format not in SPARSE_FORMATS:
+        raise ExportError(f"sparse_format {sparse_format!r} is unknown; allowed: {', '.join(SPARSE_FORMATS)}")
     target = Path(directory)
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -143,6 +220,14 @@ def save(
         source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
         model_entry = _write_weights(model, tmp, source)
         weight_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        sparsity: dict[str, dict[str, Any]] = {}
+        to_pack: dict[str, torch.Tensor] = {}
+        for name, tensor in _sparse_weights(tmp, weight_files):
+            sparsity[name] = sparsity_entry(tensor)
+            if sparse_format == "bitmask":
+                to_pack[name] = tensor
+        packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE) if sparse_format == "bitmask" else None
+        hashed = sorted([*weight_files, SPARSE_FILE]) if packed_entry else weight_files
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         elif tokenizer is not None:
@@ -175,7 +260,9 @@ def save(
                 if s.kind in REAPPLIED_KINDS
             ],
             "eval": eval_results or {},
-            "files": {name: _sha256(tmp / name) for name in weight_files},
+            "sparsity": sparsity,
+            **({"sparse_format": packed_entry} if packed_entry else {}),
+            "files": {name: _sha256(tmp / name) for name in hashed},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if recipe is not None:
@@ -291,6 +378,46 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, progre
         steps = [{"pass": e["pass"], "config": e["config"], "targets": e["targets"]} for e in manifest["reapply"]]
         apply(rebuilt, steps, progress=progress)
     return rebuilt
+
+
+def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights packed in an export's ``sparse.safetensors``, unpacked (bit-identical to the dense ones).
+
+    The export must have been saved with ``sparse_format="bitmask"``. Every file's hash is verified first.
+    Returns only the tensors listed in the manifest's ``sparsity`` record, keyed by their state-dict names.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    entry = manifest.get("sparse_format")
+    if not entry:
+        raise ExportError(
+            f"{directory} has no packed sparse weights (it was saved with sparse_format 'none'); save it with "
+            "sparse_format='bitmask' (recipe: export.sparse_format: bitmask) to write them"
+        )
+    if entry.get("format") != "bitmask":
+        raise ExportError(f"{directory}: unknown sparse_format {entry.get('format')!r}; this compressx reads bitmask")
+    if entry.get("file") not in manifest["files"]:
+        raise ExportError(f"{directory}: the packed file {entry.get('file')!r} has no hash in {MANIFEST}")
+    verify(directory, manifest)
+    path = directory / entry["file"]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = json.loads((f.metadata() or {})["shapes"])
+            packed = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        return {
+            name: unpack_bitmask(
+                packed[f"{name}.values"],
+                packed[f"{name}.bitmask"],
+                tuple(shape),
+                packed[f"{name}.values"].dtype,
+                packed.get(f"{name}.zero_signs"),
+            )
+            for name, shape in shapes.items()
+        }
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{path} is not a readable bitmask-packed file: {err!r}") from err
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:

@@ -41,7 +41,7 @@ from compressx.targets import select_targets
 
 TOP_KEYS = ("model", "data", "steps", "eval", "export")
 STEP_KEYS = ("pass", "targets", "ignore", "config")
-EXPORT_KEYS = ("dir", "overwrite")
+EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
 DATA_KEYS = ("calibration",)
 
 
@@ -66,8 +66,11 @@ class StepSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ExportSpec:
+    """Where to export, and whether to also write the sparse weights bitmask-packed (``docs/export.md``)."""
+
     dir: str
     overwrite: bool = False
+    sparse_format: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +196,16 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                     problems.append(f"export.{key}: {unknown_key_message(str(key), EXPORT_KEYS)}")
             if not isinstance(raw_export.get("overwrite", False), bool):
                 problems.append("export.overwrite: expected true or false")
-            export = ExportSpec(dir=raw_export["dir"], overwrite=bool(raw_export.get("overwrite", False)))
+            from compressx.export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
+
+            sparse_format = raw_export.get("sparse_format", "none")
+            if not isinstance(sparse_format, str) or sparse_format not in SPARSE_FORMATS:
+                problems.append(f"export.sparse_format: got {sparse_format!r}; allowed: {', '.join(SPARSE_FORMATS)}")
+            export = ExportSpec(
+                dir=raw_export["dir"],
+                overwrite=bool(raw_export.get("overwrite", False)),
+                sparse_format=str(sparse_format),
+            )
 
     if problems:
         raise RecipeError(problems, source)
@@ -248,7 +260,9 @@ def check_steps_on_model(model: nn.Module, steps: Sequence[tuple[StepSpec, PassS
         if not spec.takes_targets:
             continue
         try:
-            chosen = select_targets(model, step.targets, step.ignore, spec.target_types, where=f"steps[{i}]")
+            chosen = select_targets(
+                model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]"
+            )
         except TargetError as err:
             problems.append(str(err))
             continue

@@ -81,6 +81,7 @@ class PassSpec:
     families: tuple[str, ...]
     target_types: tuple[type[nn.Module], ...] | None
     needs: tuple[str, ...] = ()
+    default_targets: tuple[str, ...] | None = None
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None
     origin: str = ""
 
@@ -98,6 +99,7 @@ def register_pass(
     families: Iterable[str],
     target_types: Iterable[type[nn.Module]] | None = None,
     needs: Iterable[str] = (),
+    default_targets: Iterable[str] | None = None,
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Mark ``fn(model, config, ctx) -> PassResult`` as the pass ``name``.
@@ -111,6 +113,7 @@ def register_pass(
         target_types: module classes the pass changes; ``targets`` in a recipe select among them. ``None`` for a
             pass that acts on the whole model and takes no targets.
         needs: inputs the pass requires, e.g. ``("calibration",)``.
+        default_targets: target patterns used when a step gives none (default: the whole model).
         check: optional ``check(targets, config) -> [problem, ...]`` run by ``compressx validate`` on the meta
             model (shapes only, no weights), e.g. to reject an input dimension that N:M cannot divide.
     """
@@ -143,6 +146,7 @@ def register_pass(
             families=tuple(families),
             target_types=None if target_types is None else tuple(target_types),
             needs=tuple(needs),
+            default_targets=None if default_targets is None else tuple(default_targets),
             check=check,
             origin=f"{fn.__module__}.{fn.__qualname__}",
         )

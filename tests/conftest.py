@@ -57,3 +57,19 @@ def zoo_cache(tmp_path_factory) -> str:
     import os
 
     return os.environ.get("COMPRESSX_TEST_CACHE") or str(tmp_path_factory.mktemp("compressx-cache"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A small byte-level BPE tokenizer trained here on stdlib text (no download), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compressx.data import stdlib_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([stdlib_text("val")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)

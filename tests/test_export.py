@@ -198,3 +198,170 @@ def test_runtime_pass_with_newer_config_version_is_refused(tiny_llama, tmp_path,
     path.write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="config version 7 in the export, but the installed pass reads version 1"):
         compressx.load(tmp_path / "rt")
+
+
+# Sparsity record and the bitmask-packed sparse weights.
+PRUNE_2_4 = [{"pass": "magnitude", "config": {"pattern": "2:4"}, "ignore": ["lm_head"]}]
+
+
+def test_bitmask_export_of_a_2_4_model(tiny_llama, tmp_path):
+    result = compressx.apply(tiny_llama, PRUNE_2_4)
+    out = compressx.save(tiny_llama, tmp_path / "exp", result, sparse_format="bitmask")
+    manifest = compressx.read_manifest(out)
+    pruned = set(result.steps[0].targets)
+    assert {name.removesuffix(".weight") for name in manifest["sparsity"]} == pruned  # no lm_head, no embedding
+    assert "lm_head" not in pruned
+    assert all(entry == {"sparsity": 0.5, "pattern": "2:4"} for entry in manifest["sparsity"].values())
+
+    state = tiny_llama.state_dict()
+    packed = manifest["sparse_format"]
+    size = (tmp_path / "exp" / "sparse.safetensors").stat().st_size
+    dense = sum(state[name].numel() * state[name].element_size() for name in manifest["sparsity"])
+    assert packed == {
+        "format": "bitmask",
+        "file": "sparse.safetensors",
+        "bytes": size,
+        "dense_bytes": dense,
+        "ratio": round(size / dense, 6),
+    }
+    assert packed["ratio"] < 1
+    assert "sparse.safetensors" in manifest["files"]
+
+    unpacked = export_mod.load_sparse_state_dict(out)
+    assert set(unpacked) == set(manifest["sparsity"])
+    for name, tensor in unpacked.items():
+        assert tensor.dtype == state[name].dtype and tensor.shape == state[name].shape
+        assert torch.equal(tensor.view(torch.int32), state[name].view(torch.int32)), name  # bits, -0.0 included
+    # the dense weights are still the loadable export
+    assert torch.equal(_logits(compressx.load(out)), _logits(tiny_llama))
+
+
+def test_corrupt_packed_file_is_refused(tiny_llama, tmp_path):
+    compressx.apply(tiny_llama, PRUNE_2_4)
+    out = compressx.save(tiny_llama, tmp_path / "exp", sparse_format="bitmask")
+    packed = tmp_path / "exp" / "sparse.safetensors"
+    data = bytearray(packed.read_bytes())
+    data[-3] ^= 0x01
+    packed.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="'sparse.safetensors' is corrupt"):
+        compressx.load(out)
+    with pytest.raises(ExportError, match="'sparse.safetensors' is corrupt"):
+        export_mod.load_sparse_state_dict(out)
+
+
+def test_unstructured_sparsity_record_without_packing(tiny_llama, tmp_path):
+    result = compressx.apply(tiny_llama, PRUNE)  # 50% unstructured magnitude, per layer
+    out = compressx.save(tiny_llama, tmp_path / "exp", result)
+    manifest = compressx.read_manifest(out)
+    assert len(manifest["sparsity"]) == 14
+    assert all(entry == {"sparsity": 0.5, "pattern": "unstructured"} for entry in manifest["sparsity"].values())
+    assert "sparse_format" not in manifest and not (tmp_path / "exp" / "sparse.safetensors").exists()
+    with pytest.raises(ExportError, match="no packed sparse weights.*sparse_format='bitmask'"):
+        export_mod.load_sparse_state_dict(out)
+
+
+def test_unpruned_model_has_an_empty_sparsity_record(tiny_llama, tmp_path):
+    compressx.save(tiny_llama, tmp_path / "exp")
+    assert compressx.read_manifest(tmp_path / "exp")["sparsity"] == {}
+
+
+@pytest.mark.parametrize(
+    "keep, pattern",
+    [
+        ([1, 0, 0, 0], "1:4"),
+        ([1, 0, 0, 0, 0, 0, 0, 0], "1:8"),
+        ([1, 1, 0, 0, 0, 0, 0, 0], "2:8"),
+        ([1, 0, 1, 0], "2:4"),
+        ([1, 1, 0, 0, 1, 0, 1, 0], "2:4"),
+        ([1, 1, 1, 0, 0, 0, 1, 0], "4:8"),
+        ([1, 1, 1, 0, 0, 0, 0, 0], "unstructured"),  # 3:8 is not a standard pattern
+        ([1, 1, 1, 1, 0, 0, 0, 0], "4:8"),  # not 2:4: the first 4-block keeps 4
+    ],
+)
+def test_sparsity_entry_names_the_tightest_exact_pattern(keep, pattern):
+    weight = torch.randn(4, 16).abs() + 1
+    weight *= torch.tensor(keep * (16 // len(keep)), dtype=torch.float32)
+    expected_sparsity = round(1 - sum(keep) / len(keep), 6)
+    assert export_mod.sparsity_entry(weight) == {"sparsity": expected_sparsity, "pattern": pattern}
+
+
+def test_sparsity_entry_extra_zeros_and_convs():
+    weight = torch.randn(4, 16).abs() + 1
+    weight *= torch.tensor([1, 0, 1, 0] * 4)
+    weight[0, 0] = 0  # 2:4 still holds, but the sparsity is no longer exactly 1/2
+    assert export_mod.sparsity_entry(weight) == {"sparsity": round(33 / 64, 6), "pattern": "unstructured"}
+    # convs: blocks run along input channels (OHWI), so a 2:4 mask over dim 1 reads as 2:4
+    conv = torch.randn(2, 8, 3, 3).abs() + 1
+    conv *= torch.tensor([1, 0, 0, 1] * 2).view(1, 8, 1, 1)
+    assert export_mod.sparsity_entry(conv) == {"sparsity": 0.5, "pattern": "2:4"}
+    assert export_mod.sparsity_entry(conv.transpose(1, 2)) == {"sparsity": 0.5, "pattern": "unstructured"}
+
+
+def test_plain_module_bitmask_round_trip(tiny_cnn, tmp_path):
+    result = compressx.apply(tiny_cnn, [{"pass": "magnitude", "config": {"pattern": "2:4"}, "ignore": ["stem"]}])
+    out = compressx.save(tiny_cnn, tmp_path / "cnn", result, sparse_format="bitmask")
+    record = compressx.read_manifest(out)["sparsity"]
+    assert record == {
+        name: {"sparsity": 0.5, "pattern": "2:4"} for name in ["body.0.weight", "body.2.weight", "head.weight"]
+    }
+    unpacked = export_mod.load_sparse_state_dict(out)
+    state = tiny_cnn.state_dict()
+    assert all(torch.equal(t.view(torch.int32), state[n].view(torch.int32)) for n, t in unpacked.items())
+
+
+def test_unknown_sparse_format_is_refused_before_writing(tiny_llama, tmp_path):
+    with pytest.raises(ExportError, match="sparse_format 'zip' is unknown; allowed: none, bitmask"):
+        compressx.save(tiny_llama, tmp_path / "exp", sparse_format="zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_bitmask_export_leaves_nothing_at_target(tiny_llama, tmp_path, monkeypatch):
+    compressx.apply(tiny_llama, PRUNE_2_4)
+
+    def crash(manifest):
+        (partial,) = tmp_path.glob(".exp.partial-*")  # the packed file is written there, not at the target
+        assert (partial / "sparse.safetensors").is_file() and not (tmp_path / "exp").exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compressx.save(tiny_llama, tmp_path / "exp", sparse_format="bitmask")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_show_prints_the_sparsity_and_packed_sizes(tiny_llama, tmp_path):
+    from compressx.cli import _show_manifest
+
+    result = compressx.apply(tiny_llama, PRUNE_2_4)
+    out = compressx.save(tiny_llama, tmp_path / "exp", result, sparse_format="bitmask")
+    manifest = compressx.read_manifest(out)
+    packed = manifest["sparse_format"]
+    text = _show_manifest(out, manifest)
+    line = next(line for line in text.splitlines() if line.startswith("sparsity:"))
+    assert line == (
+        "sparsity: 14 weight tensor(s) with zeros (2:4 ×14), zero fraction 0.5; packed (bitmask): "
+        f"sparse.safetensors {packed['bytes']:,} bytes vs {packed['dense_bytes']:,} dense "
+        f"(ratio {packed['ratio']:.3f})"
+    )
+    plain = compressx.save(tiny_llama, tmp_path / "plain")
+    assert "sparsity: 14 weight tensor(s) with zeros (2:4 ×14), zero fraction 0.5\n" in _show_manifest(
+        plain, compressx.read_manifest(plain)
+    )
+
+
+def test_recipe_export_sparse_format_reaches_save(tiny_llama, tmp_path):
+    from compressx.recipe import parse_recipe
+
+    tiny_llama.save_pretrained(tmp_path / "base")
+    recipe = parse_recipe(
+        {
+            "model": {"source": "hf", "id": str(tmp_path / "base")},
+            "steps": PRUNE_2_4,
+            "export": {"dir": str(tmp_path / "exp"), "sparse_format": "bitmask"},
+        }
+    )
+    run = compressx.run_recipe(recipe, progress=False)
+    assert compressx.read_manifest(run.export_dir)["sparse_format"]["format"] == "bitmask"
+    assert set(export_mod.load_sparse_state_dict(run.export_dir)) == set(
+        compressx.read_manifest(run.export_dir)["sparsity"]
+    )

@@ -13,23 +13,14 @@ from compressx.recipe import check_recipe, parse_recipe
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, bpe_tokenizer):
     """A local transformers checkpoint: a tiny Llama and a byte-level BPE tokenizer trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from compressx.data import stdlib_text
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([stdlib_text("val")[:200_000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
-    tokenizer.save_pretrained(directory)
+    bpe_tokenizer.save_pretrained(directory)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     )  # fmt: skip
     torch.manual_seed(0)

@@ -83,6 +83,10 @@ BAD = [
     (("re:.*mlp.*", "re:.*mpl.*"), ["steps[0].targets[0]", "matches no module"]),
     (('ignore: ["lm_head"]', 'ignore: ["lm_haed"]'), ["steps[0].ignore[0]", "did you mean 'lm_head'?"]),
     (("id: llama_byte_1m", "id: llama_bytes"), ["model:", "unknown zoo model 'llama_bytes'", "did you mean"]),
+    (
+        ("export: {dir: EXPORT}", "export: {dir: EXPORT, sparse_format: zip}"),
+        ["export.sparse_format", "got 'zip'; allowed: none, bitmask"],
+    ),
 ]
 
 
@@ -95,6 +99,12 @@ def test_bad_recipe_names_the_problem_and_exits_2(write, capsys, edit, fragments
     for fragment in fragments:
         assert fragment in err, err
     assert "Traceback" not in err
+
+
+def test_export_sparse_format(write):
+    assert load_recipe(write(GOOD)).export.sparse_format == "none"
+    recipe = load_recipe(write(GOOD), ["export.sparse_format=bitmask"])
+    assert recipe.export.sparse_format == "bitmask" and recipe.to_dict()["export"]["sparse_format"] == "bitmask"
 
 
 def test_several_problems_are_all_reported(write, capsys):

@@ -9,6 +9,8 @@ channel and kernel position — the layout of the LBC and SpRe reference code an
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,14 +50,47 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return from_input_last(keep.reshape(blocks_last.shape), scores)
 
 
+def pruned_count(sparsity: float, count: int) -> int:
+    """How many of ``count`` weights a ``sparsity`` fraction prunes: floor, as Wanda, SparseGPT and DSnoT do.
+
+    (The small epsilon keeps 0.29 * 100 at 29 despite floating-point error.)
+    """
+    return math.floor(sparsity * count + 1e-6)
+
+
+def resolve_pattern(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
+    """Check a pass's ``sparsity`` / ``pattern`` pair; return the sparsity and ``(N, M)`` (None if unstructured).
+
+    Unstructured needs 0 <= sparsity < 1 (default 0.5). An N:M pattern fixes the sparsity at 1 - N/M; a given
+    sparsity must equal it. Raises ``ConfigError`` naming the field.
+    """
+    from compressx.errors import ConfigError
+
+    if pattern == "unstructured":
+        sparsity = 0.5 if sparsity is None else sparsity
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"got {sparsity}; sparsity must be in [0, 1)", path="sparsity")
+        return sparsity, None
+    try:
+        n, m = parse_nm(pattern)
+    except ValueError as err:
+        raise ConfigError(f"{err}; allowed: 'unstructured' or 'N:M' with 0 < N < M", path="pattern") from err
+    implied = 1.0 - n / m
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise ConfigError(
+            f"pattern {pattern} fixes sparsity at {implied:g}, got {sparsity}; leave sparsity out", path="sparsity"
+        )
+    return implied, (n, m)
+
+
 def topk_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
-    """Boolean keep-mask that drops the ``round(sparsity * count)`` lowest scores.
+    """Boolean keep-mask that drops the ``pruned_count(sparsity, count)`` lowest scores.
 
     With ``dim=None`` the count is over the whole tensor (per-layer); with ``dim=1`` it is per output row
     (each row of a Linear weight, each output channel of a Conv weight). Ties drop the lower index first.
     """
     flat = scores.reshape(1, -1) if dim is None else scores.reshape(scores.shape[0], -1)
-    n_drop = round(sparsity * flat.shape[1])
+    n_drop = pruned_count(sparsity, flat.shape[1])
     keep = torch.ones_like(flat, dtype=torch.bool)
     if n_drop:
         drop = torch.sort(flat, dim=1, stable=True).indices[:, :n_drop]
@@ -74,3 +109,28 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
 def sparsity_of(tensor: torch.Tensor) -> float:
     """Fraction of exact zeros."""
     return float((tensor == 0).sum()) / tensor.numel()
+
+
+def sparsity_report(weights: dict[str, torch.Tensor]) -> dict:
+    """The report pruning passes return: overall and per-module sparsity of the given weights."""
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    return {
+        "sparsity": round(zeros / total, 6) if total else 0.0,
+        "pruned_weights": zeros,
+        "target_weights": total,
+        "modules": len(weights),
+        "per_module": {name: round(sparsity_of(w), 6) for name, w in weights.items()},
+    }
+
+
+def nm_shape_problems(weights: dict[str, torch.Tensor], nm: tuple[int, int] | None) -> list[str]:
+    """One message per weight whose input dimension an N:M pattern cannot divide (none when unstructured)."""
+    if nm is None:
+        return []
+    m = nm[1]
+    return [
+        f"module '{name}' has input dimension {to_input_last(w).shape[-1]}, not divisible by M={m}; add it to ignore"
+        for name, w in weights.items()
+        if to_input_last(w).shape[-1] % m
+    ]

@@ -1,4 +1,9 @@
 """Built-in passes: one module per pass. Adding a pass means adding its module name here (plugins use the
 ``compressx.passes`` entry-point group instead); nothing else is edited."""
 
-BUILTIN_PASS_MODULES: tuple[str, ...] = ("compressx.passes.magnitude",)
+BUILTIN_PASS_MODULES: tuple[str, ...] = (
+    "compressx.passes.magnitude",
+    "compressx.passes.wanda",
+    "compressx.passes.sparsegpt",
+    "compressx.passes.dsnot",
+)

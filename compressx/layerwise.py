@@ -1,0 +1,232 @@
+"""Layer-by-layer ("sequential") calibration of decoder LLMs, the loop Wanda, SparseGPT and DSnoT share.
+
+1. The calibration sequences run through the model up to the first decoder layer; a forward pre-hook on that
+   layer captures its inputs (hidden states and every keyword argument: attention mask, position embeddings,
+   cache position...) and stops the forward.
+2. For each decoder layer in order: hooks on the layer's target ``Linear`` modules collect statistics of their
+   inputs (``LinearStats``) while the still-dense layer runs on the captured inputs; the pass prunes those
+   modules from the statistics; the now-pruned layer runs again and its outputs become the next layer's
+   inputs. So layer i is calibrated on what the pruned layers 0..i-1 produce, as in Wanda and SparseGPT.
+
+Memory: only the layer being pruned is moved to the compute ``device`` (the rest of the model stays where it
+is, e.g. on CPU), plus two activation buffers of ``samples x seq_len x hidden`` floats (inputs and outputs of
+the current layer) and the statistics of one layer's Linears (a ``C_in x C_in`` Hessian each for SparseGPT).
+
+Architectures are chosen through ``DECODER_LAYERS``: model_type -> path of the decoder layer list. Adding one
+is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the transformers Llama family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from compressx.errors import CompressxError
+
+# model_type (transformers config) -> dotted path of the ModuleList of decoder layers
+DECODER_LAYERS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "opt": "model.decoder.layers",
+}
+# Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
+MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}
+_DEFAULT_MLP_PREFIXES = ("mlp.",)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted path and the ModuleList of a supported model's decoder layers; a clear error otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DECODER_LAYERS:
+        raise CompressxError(
+            f"layer-by-layer calibration supports model types {', '.join(sorted(DECODER_LAYERS))}; "
+            f"{type(model).__name__} has model_type {model_type!r}. To add one, map its model_type to the path "
+            "of its decoder-layer ModuleList in compressx.layerwise.DECODER_LAYERS"
+        )
+    path = DECODER_LAYERS[model_type]
+    layers = model.get_submodule(path)
+    return path, layers
+
+
+def is_mlp(model: nn.Module, relative_name: str) -> bool:
+    """Whether a Linear (named relative to its decoder layer) belongs to the layer's MLP."""
+    prefixes = MLP_PREFIXES.get(getattr(model.config, "model_type", ""), _DEFAULT_MLP_PREFIXES)
+    return relative_name.startswith(prefixes)
+
+
+@dataclasses.dataclass
+class LinearStats:
+    """Statistics of a Linear's inputs over the calibration sequences.
+
+    Accumulated per sequence, as the reference code does (DSnoT spec §A.2):
+    ``mean`` — per-channel mean over all tokens; ``var`` — the within-sequence population variance, averaged
+    over sequences with token-count weights (the spread of per-sequence means is left out); ``sq_norm`` —
+    ``||X_r||^2 / n_sequences`` (the Wanda norm, squared); ``hessian`` — ``2/n_tokens * X X^T`` when asked.
+    """
+
+    columns: int
+    with_hessian: bool = False
+    n_seq: int = 0
+    n_tok: int = 0
+    sum_x: torch.Tensor | None = None
+    sum_x2: torch.Tensor | None = None
+    sum_var: torch.Tensor | None = None
+    xxt: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``)."""
+        x = x.detach().float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.detach().float()[None]
+        seq_len = x.shape[1]
+        if self.sum_x is None:
+            zeros = torch.zeros(self.columns, dtype=torch.float64, device=x.device)
+            self.sum_x, self.sum_x2, self.sum_var = zeros.clone(), zeros.clone(), zeros.clone()
+            if self.with_hessian:
+                self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=x.device)
+        self.n_seq += x.shape[0]
+        self.n_tok += x.shape[0] * seq_len
+        self.sum_x += x.sum(dim=(0, 1)).double()
+        self.sum_x2 += x.pow(2).sum(dim=(0, 1)).double()
+        self.sum_var += (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double()
+        if self.with_hessian:
+            flat = x.reshape(-1, self.columns)
+            self.xxt += (flat.T @ flat).double()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum_x / self.n_tok).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sum_var / self.n_tok).float()
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        return (self.sum_x2 / self.n_seq).float()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.xxt is None:
+            raise RuntimeError("these statistics were collected without the Hessian")
+        return (2.0 * self.xxt / self.n_tok).float()
+
+
+class _Captured(Exception):
+    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        super().__init__("inputs of the first decoder layer captured")
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Run ``tokens`` through the model up to its first decoder layer; return its inputs per micro-batch."""
+    _, layers = decoder_layers(model)
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        raise _Captured(hidden, dict(kwargs, use_cache=False))
+
+    device = next(model.parameters()).device
+    hiddens, kwargs_list = [], []
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, len(tokens), batch_size):
+            try:
+                model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+            except _Captured as caught:
+                hiddens.append(caught.hidden)
+                kwargs_list.append(caught.kwargs)
+            else:
+                raise CompressxError("the first decoder layer was never called: cannot capture its inputs")
+    finally:
+        handle.remove()
+    return hiddens, kwargs_list
+
+
+PruneLayer = Callable[[int, dict[str, nn.Linear], dict[str, LinearStats]], None]
+
+
+@torch.no_grad()
+def prune_layer_by_layer(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    targets: dict[str, nn.Module],
+    prune_layer: PruneLayer,
+    *,
+    with_hessian: bool = False,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> None:
+    """Calibrate and prune the target Linears of every decoder layer in order (see the module docstring).
+
+    Args:
+        model: a transformers causal LM whose ``model_type`` is in ``DECODER_LAYERS``.
+        tokens: calibration token ids ``[samples, seq_len]``.
+        targets: the Linear modules to prune (full names); each must sit inside a decoder layer.
+        prune_layer: ``prune_layer(layer_index, linears, stats)`` prunes the given Linears (names relative to
+            the decoder layer) in place from their input statistics.
+        with_hessian: also accumulate ``X X^T`` (SparseGPT).
+        batch_size: sequences per forward of a decoder layer.
+        device: where each decoder layer runs (default: where the model is); only that layer is moved there.
+        progress: show a progress bar over layers.
+    """
+    path, layers = decoder_layers(model)
+    outside = [name for name in targets if not name.startswith(f"{path}.")]
+    if outside:
+        raise CompressxError(
+            f"layer-by-layer pruning changes Linear layers inside the decoder layers ({path}.*); "
+            f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
+        )
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        hiddens, kwargs_list = capture_layer_inputs(model, tokens, batch_size)
+        hiddens = [h.to(device) for h in hiddens]
+        kwargs_list = [_to(kw, device) for kw in kwargs_list]
+        bar = tqdm(range(len(layers)), desc="pruning decoder layers", disable=not progress, unit="layer")
+        for index in bar:
+            layer = layers[index].to(device)
+            prefix = f"{path}.{index}."
+            linears = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
+            if linears:
+                stats = {name: LinearStats(m.in_features, with_hessian) for name, m in linears.items()}
+                hooks = [
+                    m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+                    for name, m in linears.items()
+                ]
+                try:
+                    for hidden, kwargs in zip(hiddens, kwargs_list):
+                        layer(hidden, **kwargs)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                prune_layer(index, linears, stats)
+            hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]
+            layers[index].to(home)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache

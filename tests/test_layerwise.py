@@ -1,0 +1,100 @@
+"""The layer-by-layer calibration driver: statistics, capture, equivalence with a direct computation."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compressx.errors import CompressxError
+from compressx.layerwise import LinearStats, capture_layer_inputs, decoder_layers, prune_layer_by_layer
+from compressx.passes.magnitude import MagnitudeConfig, magnitude_mask
+
+
+def test_linear_stats_match_their_definitions():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + torch.tensor([0.0, 1.0, -1.0, 2.0])
+    stats = LinearStats(4, with_hessian=True)
+    stats.add(x[:2])
+    stats.add(x[2:])
+    flat = x.reshape(-1, 4)
+    assert torch.allclose(stats.mean, flat.mean(0), atol=1e-6)
+    within = torch.stack([x[i].var(0, unbiased=False) for i in range(3)]).mean(0)
+    assert torch.allclose(stats.var, within, atol=1e-5)
+    assert not torch.allclose(stats.var, flat.var(0, unbiased=False), atol=1e-3)  # not the pooled variance
+    assert torch.allclose(stats.sq_norm, flat.pow(2).sum(0) / 3, atol=1e-5)
+    assert torch.allclose(stats.hessian, 2 * flat.T @ flat / 15, atol=1e-5)
+
+
+def test_capture_gets_the_first_layer_inputs(tiny_llama):
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    hiddens, kwargs = capture_layer_inputs(tiny_llama, tokens, batch_size=2)
+    assert len(hiddens) == 2 and hiddens[0].shape == (2, 16, 32)
+    assert torch.equal(hiddens[1], tiny_llama.model.embed_tokens(tokens[2:]))
+    assert "position_embeddings" in kwargs[0]
+
+
+def test_layer_by_layer_equals_direct_whole_model_computation(tiny_llama):
+    """Magnitude needs no data: driven layer by layer it must give exactly the direct result."""
+    from conftest import make_tiny_llama
+
+    config = MagnitudeConfig(sparsity=0.5, scope="row")
+    direct = make_tiny_llama()
+    targets = {n: m for n, m in direct.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    for module in targets.values():
+        module.weight.data.mul_(magnitude_mask(module.weight, config))
+    seen = []
+
+    def prune(index, linears, stats):
+        seen.append((index, sorted(linears)))
+        for linear in linears.values():
+            linear.weight.data.mul_(magnitude_mask(linear.weight, config))
+
+    layered_targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune_layer_by_layer(tiny_llama, tokens, layered_targets, prune, progress=False)
+    assert [i for i, _ in seen] == [0, 1]
+    assert seen[0][1] == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])  # fmt: skip
+    for (name, a), (_, b) in zip(direct.state_dict().items(), tiny_llama.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_second_layer_is_calibrated_on_pruned_outputs(tiny_llama):
+    """Layer 1's statistics come from layer 0 *after* pruning (not from the dense model)."""
+    from conftest import make_tiny_llama
+
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    recorded = {}
+
+    def prune(index, linears, stats):
+        recorded[index] = stats["self_attn.q_proj"].mean.clone()
+        for linear in linears.values():
+            linear.weight.data.zero_()  # an extreme pruning makes the difference obvious
+
+    targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    prune_layer_by_layer(tiny_llama, tokens, targets, prune, progress=False)
+    dense = make_tiny_llama()
+    captured = []
+    hook = dense.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    with torch.no_grad():
+        dense(input_ids=tokens)
+    hook.remove()
+    dense_mean = captured[0].reshape(-1, 32).mean(0)
+    assert not torch.allclose(recorded[1], dense_mean, atol=1e-3)
+
+
+def test_targets_outside_decoder_layers_are_refused(tiny_llama):
+    with pytest.raises(CompressxError, match="lm_head is outside: add to ignore"):
+        prune_layer_by_layer(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"lm_head": tiny_llama.lm_head},
+                             lambda *a: None)  # fmt: skip
+
+
+def test_unsupported_architecture_gets_a_clear_error():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    with pytest.raises(CompressxError) as err:
+        decoder_layers(model)
+    message = str(err.value)
+    assert "supports model types llama, mistral, opt, qwen2, qwen3" in message
+    assert "model_type 'gpt_neox'" in message and "compressx.layerwise.DECODER_LAYERS" in message

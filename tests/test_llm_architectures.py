@@ -1,0 +1,59 @@
+"""Tiny Llama, Mistral, Qwen2 and OPT checkpoints through recipe -> layer-by-layer pruning -> export -> reload."""
+
+import pytest
+import torch
+import transformers
+
+import compressx
+from compressx.ops.sparsity import is_nm_sparse
+from compressx.recipe import check_recipe, parse_recipe
+
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+}
+
+
+def make_checkpoint(arch, tokenizer, directory):
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("step", [
+    {"pass": "dsnot", "config": {"pattern": "2:4", "refine_mlp": True}},
+    {"pass": "sparsegpt", "config": {"sparsity": 0.5}},
+], ids=["dsnot-2of4", "sparsegpt"])  # fmt: skip
+def test_recipe_export_reload(arch, step, bpe_tokenizer, tmp_path):
+    directory = make_checkpoint(arch, bpe_tokenizer, tmp_path / arch)
+    recipe = parse_recipe(
+        {
+            "model": {"source": "hf", "id": str(directory)},
+            "data": {"calibration": {"source": "stdlib_text", "split": "train", "samples": 4, "seq_len": 32}},
+            "steps": [step],
+            "eval": [{"metric": "perplexity", "data": {"source": "stdlib_text", "samples": 2, "seq_len": 32}}],
+            "export": {"dir": str(tmp_path / "export")},
+        }
+    )
+    check_recipe(recipe)
+    run = compressx.run_recipe(recipe, progress=False)
+    report = run.result.steps[0].report
+    assert report["modules"] == 12 if arch == "opt" else 14
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    for name in run.result.steps[0].targets:
+        weight = run.model.get_submodule(name).weight
+        if step["pass"] == "dsnot":
+            assert is_nm_sparse(weight, 2, 4), name
+    reloaded = compressx.load(tmp_path / "export")
+    tokens = torch.randint(0, len(bpe_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(run.model(input_ids=tokens).logits, reloaded(input_ids=tokens).logits)

@@ -38,7 +38,7 @@ def test_recipe_export_reload(arch, step, bpe_tokenizer, tmp_path):
     recipe = parse_recipe(
         {
             "model": {"source": "hf", "id": str(directory)},
-            "data": {"calibration": {"source": "stdlib_text", "split": "train", "samples": 4, "seq_len": 32}},
+            "data": {"calibration": {"source": "stdlib_text", "split": "val", "samples": 4, "seq_len": 32}},
             "steps": [step],
             "eval": [{"metric": "perplexity", "data": {"source": "stdlib_text", "samples": 2, "seq_len": 32}}],
             "export": {"dir": str(tmp_path / "export")},

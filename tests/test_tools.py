@@ -17,14 +17,23 @@ def test_repository_is_consistent():
 
 
 def test_check_registry_reports_missing_pieces(tmp_path, monkeypatch):
+    from compressx.registry import list_passes
+
     tool = _load_check_registry()
+    names = [spec.name for spec in list_passes() if spec.origin.startswith("compressx.passes.")]
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    (tmp_path / "tests" / "passes").mkdir(parents=True)
-    (tmp_path / "tests" / "passes" / "test_magnitude.py").write_text("")
+    for folder, pattern in (("tests/passes", "test_{}.py"), ("docs/passes", "{}.md")):
+        (tmp_path / folder).mkdir(parents=True)
+        for name in names:
+            (tmp_path / folder / pattern.format(name)).write_text("")
     monkeypatch.setattr(tool, "ROOT", tmp_path)
+    assert tool.problems() == []
+    (tmp_path / "docs" / "passes" / "magnitude.md").unlink()
     assert tool.problems() == ["pass 'magnitude': docs/passes/magnitude.md is missing"]
     for recipe in (tmp_path / "recipes").rglob("*.yaml"):
-        recipe.unlink()
-    (tmp_path / "docs" / "passes").mkdir(parents=True)
-    (tmp_path / "docs" / "passes" / "magnitude.md").write_text("")
-    assert tool.problems() == ["pass 'magnitude': no recipe under recipes/ uses it"]
+        if "pass: wanda" in recipe.read_text():
+            recipe.unlink()
+    assert tool.problems() == [
+        "pass 'magnitude': docs/passes/magnitude.md is missing",
+        "pass 'wanda': no recipe under recipes/ uses it",
+    ]

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer, corpus_fingerprint
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte
+from compressx.zoo import llama_byte, llama_byte_outlier
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ MEMBERS: dict[str, ZooMember] = {
         load=llama_byte.load,
         tokenizer=ByteTokenizer,
         cache_salt=lambda: corpus_fingerprint()[:16],
+    ),
+    llama_byte_outlier.NAME: ZooMember(
+        name=llama_byte_outlier.NAME,
+        family="llm",
+        description=llama_byte_outlier.__doc__.strip().splitlines()[0],
+        builder_version=llama_byte_outlier.BUILDER_VERSION,
+        build_empty=llama_byte_outlier.build_empty,
+        train=llama_byte_outlier.train,
+        load=llama_byte_outlier.load,
+        tokenizer=ByteTokenizer,
+        cache_salt=llama_byte_outlier.cache_salt,
     ),
 }
 

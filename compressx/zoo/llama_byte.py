@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,20 +53,39 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """Train the model from scratch, deterministically. ``steps`` overrides the default (tests use a few)."""
-    hp = dict(TRAINING, steps=steps if steps is not None else TRAINING["steps"])
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The training token stream and the fixed validation windows (32 x 256 tokens, seed 1)."""
     tokenizer = ByteTokenizer()
     train_ids = torch.tensor(tokenizer.encode(stdlib_text("train")), dtype=torch.long)
     val_windows = sample_windows(torch.tensor(tokenizer.encode(stdlib_text("val")), dtype=torch.long), 32, 256, 1)
-    start = time.perf_counter()
+    return train_ids, val_windows
+
+
+def _init(seed: int) -> LlamaForCausalLM:
+    """Freshly initialised weights from ``seed``."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-        torch.manual_seed(hp["seed"])
-        model = build_empty()
+        torch.manual_seed(seed)
+        return build_empty()
+
+
+def _fit(
+    model: LlamaForCausalLM,
+    hp: dict[str, Any],
+    train_ids: torch.Tensor,
+    desc: str,
+    progress: bool,
+    after_backward: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """The training loop (AdamW, warmup + cosine schedule, clipping), shared by the zoo's byte-level LMs.
+
+    ``after_backward`` runs before gradient clipping, ``after_step`` after each optimizer step: other members use
+    them to hold some weights fixed. Without them the loop is exactly ``llama_byte_1m``'s.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     gen = torch.Generator().manual_seed(hp["seed"])
     model.train()
-    bar = tqdm(range(hp["steps"]), desc=f"building zoo model {NAME}", disable=not progress, unit="step")
+    bar = tqdm(range(hp["steps"]), desc=desc, disable=not progress, unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, hp["steps"], hp["lr"], hp["warmup"])
@@ -73,14 +93,30 @@ def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCaus
         batch = torch.stack([train_ids[s : s + hp["seq_len"]] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+def _perplexity(model: LlamaForCausalLM, windows: torch.Tensor) -> float:
     with torch.no_grad():
-        val_loss = model(input_ids=val_windows, labels=val_windows).loss.item()
+        return math.exp(model(input_ids=windows, labels=windows).loss.item())
+
+
+def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """Train the model from scratch, deterministically. ``steps`` overrides the default (tests use a few)."""
+    hp = dict(TRAINING, steps=steps if steps is not None else TRAINING["steps"])
+    train_ids, val_windows = _data()
+    start = time.perf_counter()
+    model = _init(hp["seed"])
+    _fit(model, hp, train_ids, f"building zoo model {NAME}", progress)
     info = {
         "member": NAME,
         "builder_version": BUILDER_VERSION,
@@ -88,7 +124,7 @@ def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCaus
         "corpus": "stdlib_text (train split)",
         "corpus_fingerprint": corpus_fingerprint(),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "val_perplexity": round(math.exp(val_loss), 4),
+        "val_perplexity": round(_perplexity(model, val_windows), 4),
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
     }

@@ -2,10 +2,11 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from compressx import zoo
 from compressx.errors import CompressxError
-from compressx.zoo import llama_byte
+from compressx.zoo import llama_byte, llama_byte_outlier
 
 
 def test_build_is_deterministic():
@@ -55,3 +56,64 @@ def test_cache_builds_once_and_is_keyed(tmp_path, monkeypatch):
 def test_unknown_member():
     with pytest.raises(CompressxError, match="unknown zoo model 'llama_byte'.*did you mean 'llama_byte_1m'"):
         zoo.get_member("llama_byte")
+
+
+@pytest.fixture(scope="module")
+def outlier_builds():
+    """Two 3-step builds of llama_byte_outlier_1m, shared by the tests below (each build takes seconds)."""
+    return llama_byte_outlier.train(steps=3, progress=False), llama_byte_outlier.train(steps=3, progress=False)
+
+
+def test_outlier_build_is_deterministic(outlier_builds):
+    (a, info_a), (b, info_b) = outlier_builds
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert info_a == {**info_b, "build_seconds": info_a["build_seconds"]}
+
+
+def test_outlier_build_leaves_the_callers_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    llama_byte_outlier.train(steps=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_outlier_gains_stay_fixed_while_the_rest_trains(outlier_builds, tmp_path):
+    (model, info), _ = outlier_builds
+    channels = llama_byte_outlier.outlier_channels()
+    assert info["outliers"]["channels"] == channels and len(set(channels)) == 4
+    assert info["outliers"]["gain"] == llama_byte_outlier.OUTLIERS["gain"] == 20.0
+    gains = llama_byte_outlier.outlier_gains(model)
+    assert len(gains) == 2 * model.config.num_hidden_layers
+    others = [c for c in range(model.config.hidden_size) if c not in channels]
+    for weight in gains:
+        assert torch.equal(weight[channels], torch.full((4,), 20.0))
+        assert not torch.equal(weight[others], torch.ones(len(others)))  # the other gains did train
+    # a plain LlamaForCausalLM checkpoint: the outlier gains are ordinary weights
+    model.save_pretrained(tmp_path)
+    loaded = llama_byte_outlier.load(str(tmp_path))
+    assert type(loaded) is LlamaForCausalLM
+    assert torch.equal(loaded.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+
+
+def test_outlier_ratio_is_much_larger_than_llama_byte(outlier_builds):
+    (model, info), _ = outlier_builds
+    _, val = llama_byte._data()
+    base, _ = llama_byte.train(steps=3, progress=False)
+    base_ratio = llama_byte_outlier.outlier_ratio(base, val)
+    ratio = llama_byte_outlier.outlier_ratio(model, val)
+    assert info["val_outlier_ratio"] == round(ratio, 3)
+    assert base_ratio < 5 and ratio > 5 * base_ratio, (ratio, base_ratio)
+
+
+def test_outlier_member_is_registered_and_builds_on_meta():
+    member = zoo.get_member(llama_byte_outlier.NAME)
+    assert member.name == "llama_byte_outlier_1m" and member.family == "llm"
+    assert member.train is llama_byte_outlier.train
+    with torch.device("meta"):
+        model = member.build_empty()
+    assert type(model) is LlamaForCausalLM
+    assert all(p.is_meta for p in model.parameters())
+    assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 1.2e6
+    assert zoo.cache_dir(member).parent.name == llama_byte_outlier.NAME

@@ -93,6 +93,17 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
     ]
     if problems:
         raise RecipeError(problems, "<steps>")
+    # Dense values for steps that refine what an earlier step pruned: copied before anything changes.
+    originals = {
+        i: {
+            name: module.weight.detach().to("cpu", copy=True)
+            for name, module in select_targets(
+                model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]"
+            ).items()
+        }
+        for i, (step, spec) in enumerate(parsed)
+        if getattr(step.config, "needs_original_weights", False)
+    }
     results = []
     for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
         # Targets are resolved again here: an earlier step may have replaced modules.
@@ -102,7 +113,8 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             else {}
         )
         start = time.perf_counter()
-        out = spec.fn(model, step.config, PassContext(targets=targets, calibration=data, progress=progress))
+        context = PassContext(targets, calibration=data, progress=progress, original_weights=originals.get(i))
+        out = spec.fn(model, step.config, context)
         seconds = time.perf_counter() - start
         summary = summarize_report(out.report)
         log.info("step %d: %s on %d module(s) in %.1f s: %s", i, spec.name, len(targets), seconds, summary)

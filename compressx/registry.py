@@ -42,11 +42,15 @@ class PassContext:
     ``targets`` are the modules the step selected (name → module, in model order), already filtered to the
     pass's ``target_types``; it is empty for passes that act on the whole model. ``calibration`` holds the
     step's calibration data (a ``[samples, seq_len]`` token tensor for text) when the pass ``needs`` it.
+    ``original_weights`` maps each target's name to a CPU copy of its weight taken before the first step of the
+    ``apply`` call ran — only for a step whose config has ``needs_original_weights = True`` (e.g. DSnoT refining
+    the mask an earlier step left, which needs the dense values back).
     """
 
     targets: dict[str, nn.Module]
     calibration: Any = None
     progress: bool = True
+    original_weights: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, is_mlp, prune_layer_by_layer
+from compressx.layerwise import LinearStats, decoder_layers, is_mlp, prune_layer_by_layer
 from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
 from compressx.passes.sparsegpt import sparsegpt_prune, sparsegpt_scores
 from compressx.passes.wanda import DECODER_LINEARS, wanda_scores
@@ -59,7 +59,9 @@ class DsnotConfig(PassConfig):
     """Config of the ``dsnot`` pass (defaults: the reference code's, spec §A.11).
 
     Attributes:
-        init: initial mask: ``wanda``, ``magnitude`` (per row) or ``sparsegpt``.
+        init: initial mask: ``wanda``, ``magnitude`` (per row) or ``sparsegpt`` computed here, or ``previous``:
+            the mask an earlier step of the same ``apply`` left (its zeros; its surviving values, e.g. SparseGPT's
+            updated ones), refined against the dense weights as they were before that step.
         sparsity: fraction pruned per row, in [0, 1) (default 0.5); fixed at 1 - N/M for N:M.
         pattern: ``"unstructured"`` or ``"N:M"``.
         max_cycles: at most this many grow/prune cycles per row (reference: 50).
@@ -76,7 +78,7 @@ class DsnotConfig(PassConfig):
         device: where each decoder layer runs during calibration (default: where the model is).
     """
 
-    init: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
+    init: Literal["wanda", "magnitude", "sparsegpt", "previous"] = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
     max_cycles: int = 50
@@ -90,6 +92,8 @@ class DsnotConfig(PassConfig):
     device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init == "previous" and self.sparsity is not None:
+            raise ConfigError("with init: previous the sparsity is the earlier step's; leave it out", path="sparsity")
         sparsity, nm = resolve_pattern(self.sparsity, self.pattern)
         object.__setattr__(self, "sparsity", sparsity)
         if self.same_sign is None:
@@ -108,6 +112,10 @@ class DsnotConfig(PassConfig):
     @property
     def nm(self) -> tuple[int, int] | None:
         return resolve_pattern(self.sparsity, self.pattern)[1]
+
+    @property
+    def needs_original_weights(self) -> bool:
+        return self.init == "previous"
 
 
 @dataclasses.dataclass
@@ -222,7 +230,7 @@ def dsnot_refine(
 def initial_mask(
     weight: torch.Tensor, stats: LinearStats, config: DsnotConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The initial method's ``(current weight, keep-mask, score)`` for one Linear."""
+    """The initial method's ``(current weight, keep-mask, score)`` for one Linear (``weight`` is dense)."""
     dense = weight.detach().float()
     if config.init == "sparsegpt":
         # per-row scope: DSnoT works per row, and its matched baseline needs the same grouping (spec §A.12.2)
@@ -255,16 +263,31 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
     """Prune with the initial method and refine each mask with DSnoT, layer by layer."""
     refined: dict[str, dict[str, float]] = {}
     threshold = config.update_threshold / REFERENCE_SEQ_LEN
+    layers_path, _ = decoder_layers(model)
+
+    if config.init == "previous":  # check every mask before any layer is refined
+        for name, module in ctx.targets.items():
+            keep = module.weight != 0
+            if bool(keep.all()):
+                raise ConfigError(f"init: previous, but '{name}' has no zeros: run a pruning step before dsnot")
+            if config.nm and not bool((keep.reshape(-1, config.nm[1]).sum(dim=1) == config.nm[0]).all()):
+                raise ConfigError(f"init: previous, but the mask of '{name}' is not {config.pattern}", "pattern")
 
     def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> None:
         for name, linear in linears.items():
             s = stats[name]
-            current, keep, score = initial_mask(linear.weight, s, config)
+            if config.init == "previous":
+                current = linear.weight.detach().float()
+                dense = ctx.original_weights[f"{layers_path}.{index}.{name}"].to(current)
+                keep, score = current != 0, wanda_scores(current, s.sq_norm)
+            else:
+                dense = linear.weight
+                current, keep, score = initial_mask(linear.weight, s, config)
             if is_mlp(model, name) and not config.refine_mlp:
                 linear.weight.copy_(current.to(linear.weight.dtype))
                 continue
             result = dsnot_refine(
-                linear.weight, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
+                dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
                 threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
                 init_score=score,
             )  # fmt: skip

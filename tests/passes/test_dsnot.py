@@ -166,3 +166,64 @@ def test_mlp_gets_the_initial_mask_only_by_default(tiny_llama):
             kept = module.weight != 0
             assert torch.equal(module.weight[kept], dense.get_submodule(name).weight[kept])
             assert torch.all((~kept).sum(dim=1) == module.in_features // 2)
+
+
+def test_previous_refines_what_an_earlier_step_left(tiny_llama):
+    from conftest import make_tiny_llama
+
+    single = make_tiny_llama()
+    compressx.apply(single, [{"pass": "dsnot", "config": {"init": "wanda", "sparsity": 0.6}}], data=TOKENS,
+                    progress=False)  # fmt: skip
+    steps = [{"pass": "wanda", "config": {"sparsity": 0.6}}, {"pass": "dsnot", "config": {"init": "previous"}}]
+    result = compressx.apply(tiny_llama, steps, data=TOKENS, progress=False)
+    assert result.steps[1].report["refined_modules"] == 8
+    assert result.steps[1].report["expected_error_reduction"] > 0
+    # layer 0's q/k/v see the same inputs and the same Wanda mask in both runs: identical refinement
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}"
+        assert torch.equal(tiny_llama.get_submodule(name).weight, single.get_submodule(name).weight), name
+    for name, module in decoder_linears(tiny_llama).items():
+        assert torch.all((module.weight == 0).sum(dim=1) == int(0.6 * module.in_features)), name
+
+
+def test_previous_with_zero_cycles_keeps_the_earlier_result(tiny_llama):
+    compressx.apply(tiny_llama, [{"pass": "wanda", "config": {"sparsity": 0.5}}], data=TOKENS, progress=False)
+    after_wanda = {n: m.weight.clone() for n, m in decoder_linears(tiny_llama).items()}
+    step = {"pass": "dsnot", "config": {"init": "previous", "max_cycles": 0, "refine_mlp": True}}
+    compressx.apply(tiny_llama, [step], data=TOKENS, progress=False)
+    for name, module in decoder_linears(tiny_llama).items():
+        assert torch.equal(module.weight, after_wanda[name]), name
+
+
+def test_previous_sparsegpt_regrows_dense_values_and_keeps_updated_ones(tiny_llama):
+    from conftest import make_tiny_llama
+
+    dense = make_tiny_llama()
+    steps = [
+        {"pass": "sparsegpt", "config": {"pattern": "2:4"}},
+        {"pass": "dsnot", "config": {"init": "previous", "pattern": "2:4", "refine_mlp": True}},
+    ]
+    after_sparsegpt = make_tiny_llama()
+    compressx.apply(after_sparsegpt, steps[:1], data=TOKENS, progress=False)
+    compressx.apply(tiny_llama, steps, data=TOKENS, progress=False)
+    name = "model.layers.0.self_attn.q_proj"  # layer 0 q: the same SparseGPT result in both runs
+    w, w_sgpt, w_dense = (m.get_submodule(name).weight for m in (tiny_llama, after_sparsegpt, dense))
+    assert is_nm_sparse(w, 2, 4)
+    regrown = (w != 0) & (w_sgpt == 0)
+    survived = (w != 0) & (w_sgpt != 0)
+    assert regrown.any()
+    assert torch.equal(w[regrown], w_dense[regrown]) and torch.equal(w[survived], w_sgpt[survived])
+
+
+def test_previous_errors():
+    from conftest import make_tiny_llama
+
+    with pytest.raises(ConfigError, match="sparsity is the earlier step's"):
+        DsnotConfig(init="previous", sparsity=0.5)
+    model = make_tiny_llama()
+    with pytest.raises(ConfigError, match="has no zeros: run a pruning step before dsnot"):
+        compressx.apply(model, [{"pass": "dsnot", "config": {"init": "previous"}}], data=TOKENS, progress=False)
+    steps = [{"pass": "wanda", "config": {"sparsity": 0.5}},
+             {"pass": "dsnot", "config": {"init": "previous", "pattern": "2:4"}}]  # fmt: skip
+    with pytest.raises(ConfigError, match="is not 2:4"):
+        compressx.apply(model, steps, data=TOKENS, progress=False)

@@ -147,8 +147,8 @@ def run_model(name: str, seeds: list[int], samples: int) -> tuple[list[str], lis
     table = [
         f"### `{name}` (dense perplexity {dense_ppl:.3f}; seeds {', '.join(map(str, seeds))})",
         "",
-        "Perplexity (mean ± std over seeds) / relative reconstruction error on calibration | held-out inputs / "
-        "time as a ratio to Wanda's.",
+        "Each cell: perplexity (mean ± std over seeds) / relative reconstruction error on calibration; held-out "
+        "inputs / time as a ratio to Wanda's.",
         "",
         "| method | " + " | ".join(PATTERNS) + " |",
         "|---|" + "---|" * len(PATTERNS),
@@ -161,7 +161,7 @@ def run_model(name: str, seeds: list[int], samples: int) -> tuple[list[str], lis
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
             wanda_time = statistics.mean(r[3] for r in results[label]["wanda"])
             cells.append(
-                f"{statistics.mean(ppl):.3f} ± {std:.3f} / {statistics.mean(r[1] for r in runs):.4f} | "
+                f"{statistics.mean(ppl):.3f} ± {std:.3f} / {statistics.mean(r[1] for r in runs):.4f}; "
                 f"{statistics.mean(r[2] for r in runs):.4f} / {statistics.mean(r[3] for r in runs) / wanda_time:.2f}x"
             )
         table.append(f"| {method} | " + " | ".join(cells) + " |")

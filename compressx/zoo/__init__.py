@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from compressx.data import ByteTokenizer, corpus_fingerprint
+from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
 from compressx.zoo import llama_byte, llama_byte_outlier
 
@@ -43,30 +43,22 @@ class ZooMember:
     cache_salt: Callable[[], str]
 
 
-MEMBERS: dict[str, ZooMember] = {
-    llama_byte.NAME: ZooMember(
-        name=llama_byte.NAME,
+def _byte_lm(module: Any) -> ZooMember:
+    """A zoo member from a byte-level LM builder module (NAME, BUILDER_VERSION, build_empty, train, load, ...)."""
+    return ZooMember(
+        name=module.NAME,
         family="llm",
-        description=llama_byte.__doc__.strip().splitlines()[0],
-        builder_version=llama_byte.BUILDER_VERSION,
-        build_empty=llama_byte.build_empty,
-        train=llama_byte.train,
-        load=llama_byte.load,
+        description=module.__doc__.strip().splitlines()[0],
+        builder_version=module.BUILDER_VERSION,
+        build_empty=module.build_empty,
+        train=module.train,
+        load=module.load,
         tokenizer=ByteTokenizer,
-        cache_salt=lambda: corpus_fingerprint()[:16],
-    ),
-    llama_byte_outlier.NAME: ZooMember(
-        name=llama_byte_outlier.NAME,
-        family="llm",
-        description=llama_byte_outlier.__doc__.strip().splitlines()[0],
-        builder_version=llama_byte_outlier.BUILDER_VERSION,
-        build_empty=llama_byte_outlier.build_empty,
-        train=llama_byte_outlier.train,
-        load=llama_byte_outlier.load,
-        tokenizer=ByteTokenizer,
-        cache_salt=llama_byte_outlier.cache_salt,
-    ),
-}
+        cache_salt=module.cache_salt,
+    )
+
+
+MEMBERS: dict[str, ZooMember] = {m.NAME: _byte_lm(m) for m in (llama_byte, llama_byte_outlier)}
 
 
 def get_member(name: str) -> ZooMember:

@@ -131,5 +131,10 @@ def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCaus
     return model, info
 
 
+def cache_salt() -> str:
+    """Part of the cache key: the fingerprint of the corpus the model is trained on."""
+    return corpus_fingerprint()[:16]
+
+
 def load(directory: str) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(directory).eval()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from compressx.data import DataSpec, load_tokens, parse_data_spec
 from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
+from compressx.layerwise import execution_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class EvalSpec:
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> float:
     """Perplexity of a causal LM on ``[samples, seq_len]`` token windows."""
     model.eval()
-    device = next(model.parameters()).device
+    device = execution_device(model)
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(tokens), batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = tokens[start : start + batch_size].to(device)

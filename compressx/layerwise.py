@@ -18,6 +18,7 @@ is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -117,6 +118,52 @@ class LinearStats:
         return (2.0 * self.xxt / self.n_tok).float()
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs of ``model`` go: its first real parameter's device, or an accelerate hook's execution device."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        for param in module.parameters(recurse=False):
+            if param.device.type != "meta":
+                return param.device
+    return torch.device("cpu")
+
+
+def _offload_owner(layer: nn.Module, relative_name: str) -> tuple[nn.Module, str] | None:
+    """The nearest module (the Linear itself, or a module containing it inside ``layer``) whose parameters
+    accelerate offloads, and the weight's name relative to it."""
+    from accelerate.utils import has_offloaded_params
+
+    parts = relative_name.split(".")
+    for depth in range(len(parts), -1, -1):
+        owner = layer.get_submodule(".".join(parts[:depth])) if depth else layer
+        if has_offloaded_params(owner):
+            return owner, ".".join([*parts[depth:], "weight"])
+    return None
+
+
+def _store_offloaded(owner: nn.Module, param_name: str, value: torch.Tensor) -> None:
+    """Write a changed weight into the storage accelerate onloads it from (else the change is lost).
+
+    Disk-offloaded weights are written as a new ``.dat`` file in the offload folder and the loader's index is
+    pointed at it — never into a safetensors checkpoint the loader may read from directly.
+    """
+    from accelerate.utils import OffloadedWeightsLoader, offload_weight
+
+    weights_map = owner._hf_hook.weights_map
+    key = f"{getattr(weights_map, 'prefix', '')}{param_name}"
+    dataset = getattr(weights_map, "dataset", weights_map)
+    value = value.detach().to("cpu").clone()
+    if isinstance(dataset, OffloadedWeightsLoader):
+        if key in dataset.state_dict or dataset.save_folder is None:
+            dataset.state_dict[key] = value
+        else:
+            offload_weight(value, key, dataset.save_folder, index=dataset.index)
+    else:
+        dataset[key] = value
+
+
 class _Captured(Exception):
     def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         super().__init__("inputs of the first decoder layer captured")
@@ -147,7 +194,7 @@ def capture_layer_inputs(
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
         raise _Captured(hidden, dict(kwargs, use_cache=False))
 
-    device = next(model.parameters()).device
+    device = execution_device(model)
     hiddens, kwargs_list = [], []
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
@@ -178,7 +225,7 @@ def prune_layer_by_layer(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> None:
+) -> dict[str, tuple[int, int]]:
     """Calibrate and prune the target Linears of every decoder layer in order (see the module docstring).
 
     Args:
@@ -190,8 +237,16 @@ def prune_layer_by_layer(
         with_hessian: also accumulate ``X X^T`` (SparseGPT).
         batch_size: sequences per forward of a decoder layer.
         device: where each decoder layer runs (default: where the model is); only that layer is moved there.
+            A model dispatched by accelerate with offloaded weights (``device_map`` with ``cpu``/``disk``,
+            ``cpu_offload``, ``disk_offload``) is left to its hooks: each layer's weights are onloaded for its
+            forwards and for pruning, and the pruned weights are written back to the offload storage.
         progress: show a progress bar over layers.
+
+    Returns:
+        ``name -> (exact zeros, numel)`` of every target after pruning (read while its weight was onloaded).
     """
+    from accelerate.utils import align_module_device, has_offloaded_params
+
     path, layers = decoder_layers(model)
     outside = [name for name in targets if not name.startswith(f"{path}.")]
     if outside:
@@ -199,8 +254,9 @@ def prune_layer_by_layer(
             f"layer-by-layer pruning changes Linear layers inside the decoder layers ({path}.*); "
             f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
         )
-    home = next(model.parameters()).device
+    home = execution_device(model)
     device = torch.device(device) if device is not None else home
+    counts: dict[str, tuple[int, int]] = {}
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
@@ -209,7 +265,8 @@ def prune_layer_by_layer(
         kwargs_list = [_to(kw, device) for kw in kwargs_list]
         bar = tqdm(range(len(layers)), desc="pruning decoder layers", disable=not progress, unit="layer")
         for index in bar:
-            layer = layers[index].to(device)
+            offloaded = [m for m in layers[index].modules() if has_offloaded_params(m)]
+            layer = layers[index] if offloaded else layers[index].to(device)
             prefix = f"{path}.{index}."
             linears = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
             if linears:
@@ -224,9 +281,19 @@ def prune_layer_by_layer(
                 finally:
                     for hook in hooks:
                         hook.remove()
-                prune_layer(index, linears, stats)
+                with contextlib.ExitStack() as onloaded:
+                    for module in offloaded:
+                        onloaded.enter_context(align_module_device(module, device))
+                    prune_layer(index, linears, stats)
+                    for name, linear in linears.items():
+                        counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
+                        owner = _offload_owner(layer, name) if offloaded else None
+                        if owner is not None:
+                            _store_offloaded(*owner, linear.weight)
             hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]
-            layers[index].to(home)
+            if not offloaded:
+                layers[index].to(home)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
+    return counts

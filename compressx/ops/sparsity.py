@@ -111,16 +111,21 @@ def sparsity_of(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / tensor.numel()
 
 
-def sparsity_report(weights: dict[str, torch.Tensor]) -> dict:
-    """The report pruning passes return: overall and per-module sparsity of the given weights."""
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
+def zero_counts(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``name -> (exact zeros, numel)`` of each weight."""
+    return {name: (int((w == 0).sum()), w.numel()) for name, w in weights.items()}
+
+
+def sparsity_report(counts: dict[str, tuple[int, int]]) -> dict:
+    """The report pruning passes return, from ``zero_counts``: overall and per-module sparsity."""
+    zeros = sum(z for z, _ in counts.values())
+    total = sum(n for _, n in counts.values())
     return {
         "sparsity": round(zeros / total, 6) if total else 0.0,
         "pruned_weights": zeros,
         "target_weights": total,
-        "modules": len(weights),
-        "per_module": {name: round(sparsity_of(w), 6) for name, w in weights.items()},
+        "modules": len(counts),
+        "per_module": {name: round(z / n, 6) for name, (z, n) in counts.items()},
     }
 
 

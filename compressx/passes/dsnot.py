@@ -298,11 +298,11 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
                 "mean_swaps_per_row": result.swaps.float().mean().item(),
             }
 
-    prune_layer_by_layer(
+    counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=config.init == "sparsegpt",
         batch_size=config.batch_size, device=config.device, progress=ctx.progress,
     )  # fmt: skip
-    report = sparsity_report({name: m.weight for name, m in ctx.targets.items()})
+    report = sparsity_report(counts)
     before = sum(r["mean_abs_error_before"] for r in refined.values())
     after = sum(r["mean_abs_error_after"] for r in refined.values())
     report.update(

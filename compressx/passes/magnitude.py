@@ -25,7 +25,15 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.ops.sparsity import nm_mask, nm_shape_problems, parse_nm, resolve_pattern, sparsity_report, topk_mask
+from compressx.ops.sparsity import (
+    nm_mask,
+    nm_shape_problems,
+    parse_nm,
+    resolve_pattern,
+    sparsity_report,
+    topk_mask,
+    zero_counts,
+)
 from compressx.registry import PassContext, PassResult, register_pass
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -83,4 +91,4 @@ def apply_magnitude(model: nn.Module, config: MagnitudeConfig, ctx: PassContext)
     with torch.no_grad():
         for module in ctx.targets.values():
             module.weight.mul_(magnitude_mask(module.weight, config).to(module.weight.dtype))
-    return PassResult(report=sparsity_report({name: m.weight for name, m in ctx.targets.items()}))
+    return PassResult(report=sparsity_report(zero_counts({name: m.weight for name, m in ctx.targets.items()})))

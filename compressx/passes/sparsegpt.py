@@ -181,8 +181,8 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
             )  # fmt: skip
             linear.weight.copy_(new_weight)
 
-    prune_layer_by_layer(
+    counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=True, batch_size=config.batch_size,
         device=config.device, progress=ctx.progress,
     )  # fmt: skip
-    return PassResult(report=sparsity_report({name: m.weight for name, m in ctx.targets.items()}))
+    return PassResult(report=sparsity_report(counts))

@@ -92,8 +92,8 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
             keep = wanda_mask(linear.weight, stats[name].sq_norm, config.sparsity, config.nm)
             linear.weight.masked_fill_(~keep.to(linear.weight.device), 0.0)
 
-    prune_layer_by_layer(
+    counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, batch_size=config.batch_size, device=config.device,
         progress=ctx.progress,
     )  # fmt: skip
-    return PassResult(report=sparsity_report({name: m.weight for name, m in ctx.targets.items()}))
+    return PassResult(report=sparsity_report(counts))

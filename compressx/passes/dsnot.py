@@ -229,8 +229,12 @@ def dsnot_refine(
 
 def initial_mask(
     weight: torch.Tensor, stats: LinearStats, config: DsnotConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The initial method's ``(current weight, keep-mask, score)`` for one Linear (``weight`` is dense)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The initial method's ``(current weight, keep-mask, score)`` for one Linear (``weight`` is dense).
+
+    The score ranks pruning candidates within N:M groups only; for unstructured patterns it is None (the
+    SparseGPT score would cost a second factorisation of the Hessian for nothing).
+    """
     dense = weight.detach().float()
     if config.init == "sparsegpt":
         # per-row scope: DSnoT works per row, and its matched baseline needs the same grouping (spec §A.12.2)
@@ -238,7 +242,8 @@ def initial_mask(
             dense, stats.hessian, config.sparsity, config.nm, scope="row" if config.nm is None else "block",
             blocksize=config.blocksize, percdamp=config.percdamp,
         )  # fmt: skip
-        return current, keep, sparsegpt_scores(dense, stats.hessian, config.percdamp)
+        score = sparsegpt_scores(dense, stats.hessian, config.percdamp) if config.nm else None
+        return current, keep, score
     score = wanda_scores(dense, stats.sq_norm) if config.init == "wanda" else dense.abs()
     keep = nm_mask(score, *config.nm) if config.nm else topk_mask(score, config.sparsity, dim=1)
     return dense * keep, keep, score

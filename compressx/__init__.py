@@ -10,7 +10,7 @@ Python API::
 
 __version__ = "0.1.0"
 
-from compressx.api import ApplyResult, StepResult, apply, run_recipe
+from compressx.api import ApplyResult, StepResult, apply, prepare, run_recipe
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError, ExportError, RecipeError, RegistryError, TargetError
 from compressx.export import load, read_manifest, save
@@ -37,6 +37,7 @@ __all__ = [
     "list_passes",
     "load",
     "load_recipe",
+    "prepare",
     "read_manifest",
     "register_pass",
     "run_recipe",

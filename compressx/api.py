@@ -133,6 +133,31 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
     return ApplyResult(results)
 
 
+def prepare(
+    model: nn.Module,
+    pass_name: str,
+    config: dict[str, Any] | PassConfig | None = None,
+    *,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+) -> Any:
+    """Prepare ``model`` for a training pass (``lbc``, ``spre``, ``sr_ste``, ``magnitude_finetune``, ...).
+
+    Returns the pass's ``TrainingHandle``: call ``handle.on_epoch_start(epoch)`` before every epoch of your loop
+    and ``handle.finalize()`` at the end (see ``compressx.training``). Build the optimizer after this call: some
+    passes add parameters (LBC's scores, SpRe's extra branches).
+    """
+    kind = get_pass(pass_name).kind
+    if kind != "training":
+        raise RecipeError([f"pass '{pass_name}' is a {kind} pass; prepare() takes training passes (apply() the rest)"])
+    step: dict[str, Any] = {"pass": pass_name, "config": config or {}}
+    if targets is not None:
+        step["targets"] = list(targets)
+    if ignore:
+        step["ignore"] = list(ignore)
+    return apply(model, [step], progress=False).steps[0].handle
+
+
 @dataclasses.dataclass
 class RunResult:
     """What ``run_recipe`` produced."""

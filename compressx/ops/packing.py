@@ -86,3 +86,73 @@ def unpack_bitmask(
         negative = unpack_bits(zero_signs, count - kept)
         out[~keep] = torch.where(negative, -0.0, 0.0).to(dtype)
     return out.reshape(tuple(shape))
+
+
+# N:M packing (``sparse_format: nm``): for a weight that is N:M along its input dimension (the convention of
+# ``compressx.ops.sparsity``: blocks of M consecutive input weights, channels-last for convs), the N kept values of
+# every block and their positions inside the block. ``values`` and ``indices`` are ``[blocks, N]``, blocks in the
+# row-major order of the input-last view, positions ascending within a block; indices are uint8 (M <= 256). A block
+# with fewer than N non-zeros (a kept weight that is exactly 0) stores zeros at its lowest unused positions, so the
+# decode is exact.
+
+
+def pack_nm(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of an N:M ``weight``; raises ValueError naming the first block with more than N."""
+    from compressx.ops.sparsity import to_input_last
+
+    if m > 256:
+        raise ValueError(f"M={m} does not fit uint8 in-block indices (M <= 256)")
+    blocks_last = to_input_last(weight)
+    if blocks_last.shape[-1] % m:
+        raise ValueError(f"input dimension {blocks_last.shape[-1]} is not divisible by M={m}")
+    blocks = blocks_last.reshape(-1, m)
+    nonzero = blocks != 0
+    counts = nonzero.sum(dim=1)
+    if bool((counts > n).any()):
+        first = int(torch.nonzero(counts > n)[0])
+        raise ValueError(f"block {first} has {int(counts[first])} non-zeros, more than N={n}: not {n}:{m} sparse")
+    # Non-zeros first (stable: ascending positions), then the lowest zero positions to fill up to N.
+    order = torch.sort((~nonzero).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    indices = torch.sort(order, dim=1).values
+    return torch.gather(blocks, 1, indices), indices.to(torch.uint8)
+
+
+def check_packed_nm(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...], n: int, m: int) -> None:
+    """Validate a packed N:M tensor against the dense ``shape``: sizes, index range, distinct positions per block.
+
+    Raises ValueError saying what is wrong.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    input_dim = shape[1] if len(shape) >= 2 else 0
+    if len(shape) < 2 or input_dim % m:
+        raise ValueError(f"shape {tuple(shape)} has no input dimension divisible by M={m}")
+    blocks = numel // m
+    if tuple(values.shape) != (blocks, n) or tuple(indices.shape) != (blocks, n):
+        raise ValueError(
+            f"expected values and indices of shape ({blocks}, {n}) for {tuple(shape)} at {n}:{m}, got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}"
+        )
+    if indices.dtype != torch.uint8:
+        raise ValueError(f"indices must be uint8, got {indices.dtype}")
+    wide = indices.long()
+    if bool((wide >= m).any()):
+        raise ValueError(f"an in-block index is >= M={m}")
+    if n > 1 and bool((wide[:, 1:] <= wide[:, :-1]).any()):
+        raise ValueError("in-block indices must be strictly ascending (distinct positions) in every block")
+
+
+def unpack_nm(
+    values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...] | torch.Size, n: int, m: int
+) -> torch.Tensor:
+    """The dense weight of ``pack_nm`` output, after ``check_packed_nm``."""
+    from compressx.ops.sparsity import from_input_last
+
+    shape = tuple(int(s) for s in shape)
+    check_packed_nm(values, indices, shape, n, m)
+    blocks = torch.zeros(values.shape[0], m, dtype=values.dtype, device=values.device)
+    blocks.scatter_(1, indices.long(), values)
+    input_last = (shape[0], *shape[2:], shape[1])
+    like = torch.empty(shape, device="meta")
+    return from_input_last(blocks.reshape(input_last), like)

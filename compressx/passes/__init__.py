@@ -6,4 +6,8 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.wanda",
     "compressx.passes.sparsegpt",
     "compressx.passes.dsnot",
+    "compressx.passes.lbc",
+    "compressx.passes.spre",
+    "compressx.passes.sr_ste",
+    "compressx.passes.magnitude_finetune",
 )

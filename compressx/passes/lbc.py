@@ -1,0 +1,196 @@
+"""LBC: N:M sparsity learned in training by scoring the candidate combinations of every block.
+
+Zhang et al., "Learning Best Combination for Efficient N:M Sparsity", NeurIPS 2022, arXiv:2206.06662; behaviour
+from the official code (zyxxmu/LBC), as summarised in ``shared/research/lbc_spre.md`` §2.
+
+Idea: choosing N of every M weights is choosing one of the C(M, N) candidate subsets of the block. Every block
+gets one learnable score per candidate (initialised to ``1 / C(M-1, N-1)``, so every position starts covered:
+a dense start). The forward mask keeps the union of the candidates still alive; the scores receive the
+straight-through gradient ``∂L/∂α_c = Σ_{j∈c} w_j · ∂L/∂ŵ_j`` (a first-order estimate of the candidate's worth),
+trained with the weights by the ordinary loss. At the start of each epoch of ``[start_epoch, end_epoch]`` the
+lowest-scored alive candidates of every block are removed so that ``1 + ceil((C-1)(1-t)^power)`` remain
+(``t`` the fraction of the window elapsed): cubic by default. When one candidate is left, the scores freeze
+(``requires_grad = False``) and training goes on with the mask fixed.
+
+Touches: the ``weight`` of the selected ``Linear`` / ``Conv2d`` layers, through a ``torch.nn.utils.parametrize``
+parametrization holding ``scores`` (trainable, ``[blocks, C]``), ``alive`` and the candidate matrix (buffers).
+The stem conv and the classifier stay dense by default, as in the official ResNet code. ``finalize()`` writes
+``w ⊙ mask`` into the plain weight and removes every extra tensor.
+
+Deviations from the official code, following the paper and the spec:
+
+* The schedule's fraction is clamped to [0, 1]: the official formula gives a negative removal count before
+  ``start_epoch`` (a crash) and, with an even power, re-grows after ``end_epoch``.
+* Removed candidates are tracked in a boolean ``alive`` buffer instead of exact zeros in the scores, so SGD
+  momentum or weight decay cannot revive one and no score is pinned to a sentinel value. The forward still sees
+  exactly the alive candidates, as in the official code.
+* Removal runs once at each epoch start. The official code re-applies it before every iteration, which with a
+  removal count fixed within the epoch only re-zeroes what momentum revived; ``alive`` makes that unnecessary.
+* ``finalize()`` before the schedule ends keeps the highest-scored alive candidate of every block (logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from compressx.errors import ConfigError
+from compressx.ops.ste import from_blocks, lbc_masked
+from compressx.registry import PassContext, PassResult, register_pass
+from compressx.training import (
+    NM_TRAINABLE_TYPES,
+    NMTrainingConfig,
+    TrainingHandle,
+    check_nm_layers,
+    nm_final_report,
+    select_nm_layers,
+    unparametrize,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LbcConfig(NMTrainingConfig):
+    """Config of the ``lbc`` pass (and the fields of ``NMTrainingConfig``: pattern, skip_stem, ...).
+
+    Attributes:
+        start_epoch: first epoch of the removal window (``t_i``; official default 0).
+        end_epoch: epoch at which one candidate per block is left (``t_f``; 60 in the official ResNet README, of
+            120 epochs in all).
+        power: exponent of the removal schedule (3 in the official ResNet code; the DeiT script uses 4).
+    """
+
+    start_epoch: int = 0
+    end_epoch: int = 60
+    power: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.start_epoch < 0:
+            raise ConfigError(f"got {self.start_epoch}; must be >= 0", path="start_epoch")
+        if self.end_epoch <= self.start_epoch:
+            raise ConfigError(f"got {self.end_epoch}; must be > start_epoch ({self.start_epoch})", path="end_epoch")
+        if self.power <= 0:
+            raise ConfigError(f"got {self.power}; must be > 0", path="power")
+        n, m = self.nm
+        if math.comb(m, n) > 4096:
+            raise ConfigError(
+                f"{self.pattern} has C({m},{n}) = {math.comb(m, n)} candidates per block: scores would take "
+                f"{math.comb(m, n) / m:.0f}x the weights' memory; LBC is practical up to a few hundred",
+                path="pattern",
+            )
+
+
+def candidate_matrix(n: int, m: int) -> torch.Tensor:
+    """``[C(M,N), M]`` 0/1 matrix: row c marks the c-th N-subset of ``range(M)``, in lexicographic order."""
+    rows = list(itertools.combinations(range(m), n))
+    out = torch.zeros(len(rows), m)
+    for c, subset in enumerate(rows):
+        out[c, list(subset)] = 1.0
+    return out
+
+
+def candidates_kept(epoch: int, count: int, start: int, end: int, power: float) -> int:
+    """How many of ``count`` candidates per block the schedule keeps at ``epoch`` (clamped outside the window)."""
+    fraction = min(max((epoch - start) / (end - start), 0.0), 1.0)
+    return 1 + math.ceil((count - 1) * (1.0 - fraction) ** power - 1e-9)
+
+
+def remove_lowest(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
+    """New ``alive``: the ``keep`` highest-scored alive candidates of every block (removed ones never return).
+
+    Ties keep the lower index (a stable sort), so the result is deterministic.
+    """
+    ranked = scores.detach().float().masked_fill(~alive, float("-inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.zeros_like(alive).scatter_(1, order, True) & alive
+
+
+class LBCMask(nn.Module):
+    """The parametrization of one layer's weight: ``weight ↦ weight ⊙ (union of alive candidates)``."""
+
+    def __init__(self, weight: torch.Tensor, n: int, m: int) -> None:
+        super().__init__()
+        candidates = candidate_matrix(n, m).to(weight.device)
+        blocks = weight.numel() // m
+        count = candidates.shape[0]
+        self.register_buffer("candidates", candidates)
+        self.register_buffer("alive", torch.ones(blocks, count, dtype=torch.bool, device=weight.device))
+        init = 1.0 / math.comb(m - 1, n - 1)
+        self.scores = nn.Parameter(torch.full((blocks, count), init, dtype=torch.float32, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return lbc_masked(weight, self.scores, self.alive, self.candidates)
+
+    def final_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """The boolean keep-mask (weight-shaped) of the single best alive candidate of every block."""
+        single = remove_lowest(self.scores, self.alive, 1)
+        return from_blocks(single.to(self.candidates.dtype) @ self.candidates > 0, like)
+
+
+def _masks(layers: dict[str, nn.Module]) -> dict[str, LBCMask]:
+    return {name: module.parametrizations.weight[0] for name, module in layers.items()}
+
+
+@register_pass(
+    "lbc",
+    config=LbcConfig,
+    kind="training",
+    paper="Learning Best Combination for Efficient N:M Sparsity (Zhang et al., NeurIPS 2022, arXiv:2206.06662)",
+    families=("cnn", "vit", "any"),
+    target_types=NM_TRAINABLE_TYPES,
+    check=check_nm_layers,
+)
+def apply_lbc(model: nn.Module, config: LbcConfig, ctx: PassContext) -> PassResult:
+    """Add candidate scores to every selected layer; return the handle that runs the removal schedule."""
+    n, m = config.nm
+    layers, skipped = select_nm_layers(model, ctx.targets, config)
+    for module in layers.values():
+        parametrize.register_parametrization(module, "weight", LBCMask(module.weight.detach(), n, m))
+    count = math.comb(m, n)
+
+    def on_epoch(epoch: int) -> dict | None:
+        keep = candidates_kept(epoch, count, config.start_epoch, config.end_epoch, config.power)
+        changed = False
+        for mask in _masks(layers).values():
+            if int(mask.alive.sum(dim=1).max()) > keep:
+                mask.alive.copy_(remove_lowest(mask.scores, mask.alive, keep))
+                changed = True
+            if keep == 1 and mask.scores.requires_grad:
+                mask.scores.requires_grad_(False)  # one candidate left: the mask is fixed, weights train on
+        return {"candidates_kept": keep, "scores_frozen": keep == 1} if changed else None
+
+    def finalize() -> dict:
+        unfinished = 0
+        for name, mask in _masks(layers).items():
+            module = layers[name]
+            unfinished += int((mask.alive.sum(dim=1) > 1).sum())
+            keep = mask.final_mask(module.parametrizations.weight.original)
+            with torch.no_grad():
+                original = module.parametrizations.weight.original
+                dense = torch.where(keep, original, torch.zeros((), dtype=original.dtype, device=original.device))
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                module.weight.copy_(dense)
+        if unfinished:
+            log.warning("lbc: finalized before end_epoch; %d block(s) kept their best-scored candidate", unfinished)
+        return {**nm_final_report(layers, config.pattern), "unfinished_blocks": unfinished}
+
+    remove = functools.partial(unparametrize, layers, keep_projection=False)
+    handle = TrainingHandle(model, "lbc", on_epoch, finalize, remove)
+    report = {
+        "pattern": config.pattern,
+        "candidates_per_block": count,
+        "score_parameters": sum(mask.scores.numel() for mask in _masks(layers).values()),
+        "modules": len(layers),
+        "dense_modules": skipped,
+    }
+    return PassResult(report=report, handle=handle)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -169,6 +170,28 @@ class RunResult:
     export_dir: str | None
 
 
+def _is_main_process() -> bool:
+    """False on the non-main processes of a distributed run (``accelerate launch``), which must not export."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _train_and_finalize(model: nn.Module, recipe: Recipe, step: StepResult, progress: bool) -> None:
+    """Run the built-in trainer on the recipe's training step, finalise it, and record both in its report."""
+    from compressx.trainer import train
+
+    summary = train(model, recipe.train, [step.handle], progress=progress)
+    step.handle.finalize()
+    step.report = {
+        **step.report,
+        **step.handle.final_report,
+        "schedule": step.handle.history,
+        "training": summary,
+    }
+    log.info("step %s finalized after training: %s", step.pass_name, summarize_report(step.handle.final_report))
+
+
 def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True) -> RunResult:
     """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs."""
     from compressx import data as data_mod
@@ -178,15 +201,19 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
 
     # Everything that can be checked without weights is checked first: no hour of work before a typo error.
     check_recipe(recipe, overwrite=overwrite)
+    if recipe.train is not None:
+        torch.manual_seed(recipe.train.seed)  # the init of a model built from scratch (pretrained: false)
     loaded = build_model(recipe.model, progress=progress)
     calibration = None
     if recipe.calibration is not None:
         calibration = data_mod.load_tokens(recipe.calibration, loaded.tokenizer)
     before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     result = apply(loaded.model, recipe.steps, calibration, progress=progress)
+    if recipe.train is not None:
+        _train_and_finalize(loaded.model, recipe, result.steps[-1], progress)
     after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     export_dir = None
-    if recipe.export and export:
+    if recipe.export and export and _is_main_process():
         problem = check_export_target(recipe.export, overwrite)  # again: something may have appeared meanwhile
         if problem:
             raise RecipeError([problem], recipe.source)

@@ -4,6 +4,8 @@
 
 * ``perplexity`` — causal language models: exp of the mean next-token cross-entropy over the windows of the
   data block (every position but the first of each window is predicted).
+* ``top1`` — image classifiers: top-1 accuracy in percent on an image data block (``compressx.images``:
+  ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from compressx.data import DataSpec, load_tokens, parse_data_spec
 from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
+from compressx.images import ImageDataSpec, parse_image_data_spec, top1
 from compressx.layerwise import execution_device
 
 
@@ -27,11 +30,13 @@ class EvalSpec:
     """One entry of a recipe's eval list."""
 
     metric: str
-    data: DataSpec
+    data: DataSpec | ImageDataSpec
     batch_size: int = 8
 
     @property
     def label(self) -> str:
+        if isinstance(self.data, ImageDataSpec):
+            return f"{self.metric} ({self.data.label})"
         split = f"/{self.data.split}" if self.data.split else ""
         return f"{self.metric} ({self.data.source}{split}, {self.data.samples}x{self.data.seq_len})"
 
@@ -62,9 +67,14 @@ def _run_perplexity(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) 
     return perplexity(model, load_tokens(spec.data, tokenizer), spec.batch_size, progress)
 
 
-# metric name -> (model families it applies to, runner)
-METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float]]] = {
-    "perplexity": (("llm",), _run_perplexity),
+def _run_top1(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
+    return top1(model, spec.data, batch_size=spec.batch_size, progress=progress)
+
+
+# metric name -> (model families it applies to, runner, parser of its data block)
+METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float], Callable[[Any], Any]]] = {
+    "perplexity": (("llm",), _run_perplexity, parse_data_spec),
+    "top1": (("cnn", "vit", "any"), _run_top1, parse_image_data_spec),
 }
 _KEYS = {"metric", "data", "batch_size"}
 
@@ -80,7 +90,7 @@ def parse_eval_spec(block: Any) -> EvalSpec:
     if "data" not in block:
         raise ConfigError("a metric needs a 'data' block", path="data")
     try:
-        data = parse_data_spec(block["data"])
+        data = METRICS[block["metric"]][2](block["data"])
     except ConfigError as err:
         raise ConfigError(err.detail, path=f"data.{err.path}" if err.path else "data") from err
     batch_size = block.get("batch_size", 8)

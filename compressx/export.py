@@ -10,8 +10,9 @@ An export directory holds:
   config (with its version) and report; the eval results before and after; the runtime/pipeline passes to
   re-apply on load; and the SHA-256 of every file the model serialiser wrote;
 * ``README.md`` — a model card generated from the manifest;
-* ``sparse.safetensors`` — with ``sparse_format="bitmask"`` only: the sparse weight tensors packed as non-zero
-  values plus a 1-bit-per-element mask (``compressx.ops.packing``), beside the unchanged dense weights.
+* ``sparse.safetensors`` — beside the unchanged dense weights, with ``sparse_format="bitmask"``: the sparse
+  weight tensors packed as non-zero values plus a 1-bit-per-element mask; with ``sparse_format="nm"``: every N:M
+  weight packed as its kept values plus their in-block indices (both in ``compressx.ops.packing``).
 
 The manifest always records, under ``sparsity``, the fraction of exact zeros and the pattern (``"2:4"``, …, or
 ``"unstructured"``) of every floating-point ``*weight`` tensor of dimension >= 2 that has zeros.
@@ -41,7 +42,7 @@ import yaml
 
 import compressx
 from compressx.errors import CompressxError, ExportError
-from compressx.ops.packing import pack_bitmask, pack_zero_signs, unpack_bitmask
+from compressx.ops.packing import pack_bitmask, pack_nm, pack_zero_signs, unpack_bitmask, unpack_nm
 from compressx.ops.sparsity import is_nm_sparse
 from compressx.registry import get_pass, summarize_report
 
@@ -50,10 +51,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "compressx.json"
 REAPPLIED_KINDS = ("runtime", "pipeline")
-SPARSE_FORMATS = ("none", "bitmask")
+SPARSE_FORMATS = ("none", "bitmask", "nm")
 SPARSE_FILE = "sparse.safetensors"
 # The N:M patterns a sparsity record can name, tightest first (by N/M, then by M: 1:4 implies 2:8).
-NM_PATTERNS = ((1, 8), (1, 4), (2, 8), (2, 4), (4, 8))
+NM_PATTERNS = ((1, 16), (1, 8), (2, 16), (1, 4), (2, 8), (4, 16), (2, 4), (4, 8), (8, 16))
 
 
 def _sha256(path: Path) -> str:
@@ -85,6 +86,8 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
     entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
     if source and source.get("source") == "timm":
         entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
+    elif source and source.get("source") == "zoo":
+        entry.update(format="zoo", member=source["id"])
     else:
         entry.update(format="torch")
     (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
@@ -149,6 +152,31 @@ def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any
     }
 
 
+def _write_nm_packed(tensors: dict[str, torch.Tensor], patterns: dict[str, str], path: Path) -> dict[str, Any]:
+    """Write the N:M tensors packed (values + in-block indices, ``ops.packing.pack_nm``); the manifest entry."""
+    from safetensors.torch import save_file
+
+    packed: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        n, m = (int(x) for x in patterns[name].split(":"))
+        packed[f"{name}.values"], packed[f"{name}.indices"] = pack_nm(tensor, n, m)
+        layout[name] = {"shape": list(tensor.shape), "pattern": patterns[name]}
+    save_file(packed, str(path), metadata={"sparse_format": "nm", "layout": json.dumps(layout)})
+    size = path.stat().st_size
+    dense = sum(t.numel() * t.element_size() for t in tensors.values())
+    if not tensors:
+        log.warning("sparse_format nm: no weight tensor is N:M sparse, so %s packs nothing", path.name)
+    return {
+        "format": "nm",
+        "file": path.name,
+        "tensors": len(tensors),
+        "bytes": size,
+        "dense_bytes": dense,
+        "ratio": round(size / dense, 6) if dense else None,
+    }
+
+
 def _model_card(manifest: dict[str, Any]) -> str:
     lines = ["---", "library_name: compressx", "tags: [compressx, compression]", "---", ""]
     source = manifest.get("source") or {}
@@ -192,9 +220,10 @@ def save(
         eval_results: ``{"before": {...}, "after": {...}}`` metric values.
         tokenizer: saved beside the weights when it has ``save_pretrained`` (transformers tokenizers).
         overwrite: replace an existing directory.
-        sparse_format: ``"none"`` (default) or ``"bitmask"``: also write ``sparse.safetensors``, the sparse weight
-            tensors as non-zero values plus a bitmask (see ``docs/export.md``; reload with
-            ``load_sparse_state_dict``). The dense weights are written either way.
+        sparse_format: ``"none"`` (default), ``"bitmask"`` or ``"nm"``: also write ``sparse.safetensors``, the
+            sparse weight tensors as non-zero values plus a bitmask, or the N:M ones as kept values plus in-block
+            indices (see ``docs/export.md``; reload with ``load_sparse_state_dict``). The dense weights are
+            written either way.
     """
     if sparse_format not in SPARSE_FORMATS:
         raise ExportError(f"sparse_format {sparse_format!r} is unknown; allowed: {', '.join(SPARSE_FORMATS)}")
@@ -224,9 +253,14 @@ def save(
         to_pack: dict[str, torch.Tensor] = {}
         for name, tensor in _sparse_weights(tmp, weight_files):
             sparsity[name] = sparsity_entry(tensor)
-            if sparse_format == "bitmask":
+            if sparse_format == "bitmask" or (sparse_format == "nm" and sparsity[name]["pattern"] != "unstructured"):
                 to_pack[name] = tensor
-        packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE) if sparse_format == "bitmask" else None
+        packed_entry = None
+        if sparse_format == "bitmask":
+            packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE)
+        elif sparse_format == "nm":
+            patterns = {name: sparsity[name]["pattern"] for name in to_pack}
+            packed_entry = _write_nm_packed(to_pack, patterns, tmp / SPARSE_FILE)
         hashed = sorted([*weight_files, SPARSE_FILE]) if packed_entry else weight_files
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
@@ -338,6 +372,13 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
         import timm
 
         model = timm.create_model(entry["architecture"], pretrained=False, **entry.get("kwargs", {}))
+    elif fmt == "zoo":
+        from compressx import zoo
+
+        try:
+            model = zoo.get_member(entry["member"]).build_empty()
+        except CompressxError as err:
+            raise ExportError(f"{directory}: {err}") from err
     elif fmt == "torch":
         if model is None:
             raise ExportError(
@@ -345,7 +386,7 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
                 "to load the weights into"
             )
     else:
-        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: transformers, timm, torch")
+        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: transformers, timm, zoo, torch")
     load_model(model, str(directory / "model.safetensors"))
     return model.eval()
 
@@ -383,7 +424,8 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, progre
 def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights packed in an export's ``sparse.safetensors``, unpacked (bit-identical to the dense ones).
 
-    The export must have been saved with ``sparse_format="bitmask"``. Every file's hash is verified first.
+    The export must have been saved with ``sparse_format="bitmask"`` or ``"nm"`` (the packed form is validated:
+    sizes, index range, distinct positions). Every file's hash is verified first.
     Returns only the tensors listed in the manifest's ``sparsity`` record, keyed by their state-dict names.
     """
     from safetensors import SafetensorError, safe_open
@@ -394,18 +436,32 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
     if not entry:
         raise ExportError(
             f"{directory} has no packed sparse weights (it was saved with sparse_format 'none'); save it with "
-            "sparse_format='bitmask' (recipe: export.sparse_format: bitmask) to write them"
+            "sparse_format='bitmask' or 'nm' (recipe: export.sparse_format) to write them"
         )
-    if entry.get("format") != "bitmask":
-        raise ExportError(f"{directory}: unknown sparse_format {entry.get('format')!r}; this compressx reads bitmask")
+    if entry.get("format") not in ("bitmask", "nm"):
+        raise ExportError(
+            f"{directory}: unknown sparse_format {entry.get('format')!r}; this compressx reads bitmask and nm"
+        )
     if entry.get("file") not in manifest["files"]:
         raise ExportError(f"{directory}: the packed file {entry.get('file')!r} has no hash in {MANIFEST}")
     verify(directory, manifest)
     path = directory / entry["file"]
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = json.loads((f.metadata() or {})["shapes"])
+            metadata = f.metadata() or {}
             packed = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        if entry["format"] == "nm":
+            layout = json.loads(metadata["layout"])
+            return {
+                name: unpack_nm(
+                    packed[f"{name}.values"],
+                    packed[f"{name}.indices"],
+                    tuple(item["shape"]),
+                    *(int(x) for x in item["pattern"].split(":")),
+                )
+                for name, item in layout.items()
+            }
+        shapes = json.loads(metadata["shapes"])
         return {
             name: unpack_bitmask(
                 packed[f"{name}.values"],
@@ -417,7 +473,7 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
             for name, shape in shapes.items()
         }
     except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
-        raise ExportError(f"{path} is not a readable bitmask-packed file: {err!r}") from err
+        raise ExportError(f"{path} is not a readable {entry['format']}-packed file: {err!r}") from err
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:

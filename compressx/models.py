@@ -6,7 +6,8 @@ Sources:
   ``AutoModelForCausalLM``; any transformers class with ``from_pretrained``, e.g. ``LlavaForConditionalGeneration``);
 * ``timm`` — ``timm.create_model(id, pretrained=..., **kwargs)``;
 * ``diffusers`` — a pipeline directory or hub id, loaded with ``DiffusionPipeline.from_pretrained``;
-* ``zoo`` — a compressx proxy model (``compressx.zoo``), built on first use.
+* ``zoo`` — a compressx proxy model (``compressx.zoo``), built on first use; ``pretrained: false`` gives the
+  architecture freshly initialised instead (for passes that train from scratch).
 
 ``build_model(spec, meta=True)`` builds the architecture on the meta device — no weights read, no training — so
 ``compressx validate`` can resolve targets against it in seconds.
@@ -34,14 +35,14 @@ class ModelSpec:
     id: str
     dtype: str = "float32"
     cls: str | None = None  # ``class:`` in YAML (hf only)
-    pretrained: bool = True  # timm only: False builds random weights (tests, architecture checks)
+    pretrained: bool = True  # timm / zoo: False builds freshly initialised weights (training from scratch, tests)
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "id": self.id, "dtype": self.dtype}
         if self.cls:
             out["class"] = self.cls
-        if self.source == "timm":
+        if self.source in ("timm", "zoo") and not (self.source == "zoo" and self.pretrained):
             out["pretrained"] = self.pretrained
         if self.kwargs:
             out["kwargs"] = dict(self.kwargs)
@@ -65,8 +66,8 @@ def parse_model_spec(block: Any) -> ModelSpec:
         raise ConfigError(f"got {block.get('dtype')!r}; allowed: {', '.join(DTYPES)}", path="dtype")
     if "class" in block and block["source"] != "hf":
         raise ConfigError("'class' applies to source hf only", path="class")
-    if "pretrained" in block and (block["source"] != "timm" or not isinstance(block["pretrained"], bool)):
-        raise ConfigError("'pretrained' is true/false and applies to source timm only", path="pretrained")
+    if "pretrained" in block and (block["source"] not in ("timm", "zoo") or not isinstance(block["pretrained"], bool)):
+        raise ConfigError("'pretrained' is true/false and applies to sources timm and zoo", path="pretrained")
     if not isinstance(block.get("kwargs", {}), dict):
         raise ConfigError("expected a mapping of keyword arguments", path="kwargs")
     return ModelSpec(
@@ -122,6 +123,8 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                 with torch.device("meta"):
                     model = member.build_empty()
                 return LoadedModel(model.to(dtype), spec, member.tokenizer(), member.family)
+            if not spec.pretrained:  # the architecture, freshly initialised from the global RNG (seed it first)
+                return LoadedModel(member.build_empty().to(dtype), spec, member.tokenizer(), member.family)
             model, tokenizer = zoo.load_zoo_model(spec.id, progress=progress)
             return LoadedModel(model.to(dtype).eval(), spec, tokenizer, member.family)
         if spec.source == "hf":
@@ -146,7 +149,7 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                     model = timm.create_model(spec.id, pretrained=False, **spec.kwargs)
             else:
                 model = timm.create_model(spec.id, pretrained=spec.pretrained, **spec.kwargs).eval()
-            return LoadedModel(model.to(dtype), spec, None, "vit" if "vit" in spec.id else "any")
+            return LoadedModel(model.to(dtype), spec, None, _timm_family(spec.id))
         if spec.source == "diffusers":
             import diffusers
 
@@ -161,6 +164,13 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
     except (OSError, ValueError, TypeError, RuntimeError) as err:
         raise CompressxError(f"cannot build model {spec.source}:{spec.id}: {type(err).__name__}: {err}") from err
     raise ConfigError(f"got {spec.source!r}; allowed: {', '.join(SOURCES)}", path="source")
+
+
+def _timm_family(model_id: str) -> str:
+    if "vit" in model_id or "deit" in model_id:
+        return "vit"
+    cnn = ("resnet", "resnext", "mobilenet", "efficientnet", "regnet", "convnext", "vgg", "densenet")
+    return "cnn" if model_id.startswith(cnn) else "any"
 
 
 def _hf_tokenizer(model_id: str) -> Any:

@@ -12,6 +12,9 @@ eval:   [{metric: perplexity, data: {source: stdlib_text, split: test, samples: 
 export: {dir: out/name}
 ```
 
+A recipe whose last step is a training pass (``lbc``, ``spre``, ...) also has a ``train:`` block, run by the
+built-in trainer (``compressx.trainer``) between preparing the model and finalising it.
+
 Every block is validated strictly: an unknown key anywhere is an error naming the file, the path
 (``steps[1].config.sparsty``), the allowed keys and the closest match. Problems are collected, not stopped at the
 first, so one ``compressx validate`` run lists them all. ``check_recipe`` adds the checks that need the model:
@@ -38,8 +41,9 @@ from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
 from compressx.models import ModelSpec, build_model, parse_model_spec
 from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_targets
+from compressx.trainer import TrainSpec, parse_train_spec
 
-TOP_KEYS = ("model", "data", "steps", "eval", "export")
+TOP_KEYS = ("model", "data", "steps", "train", "eval", "export")
 STEP_KEYS = ("pass", "targets", "ignore", "config")
 EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
 DATA_KEYS = ("calibration",)
@@ -81,6 +85,7 @@ class Recipe:
     eval: tuple[EvalSpec, ...] = ()
     export: ExportSpec | None = None
     source: str = "<recipe>"
+    train: TrainSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), as written to an export's ``recipe.yaml``."""
@@ -90,6 +95,8 @@ class Recipe:
         if self.calibration:
             out["data"] = {"calibration": self.calibration.to_dict()}
         out["steps"] = [s.to_dict() for s in self.steps]
+        if self.train:
+            out["train"] = self.train.to_dict()
         if self.eval:
             out["eval"] = [e.to_dict() for e in self.eval]
         if self.export:
@@ -175,6 +182,18 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             except ConfigError as err:
                 problems.append(str(err))
 
+    train = block("train", parse_train_spec, raw["train"]) if raw.get("train") is not None else None
+    kinds = [get_pass(s.pass_name).kind for s in steps]
+    training = [i for i, kind in enumerate(kinds) if kind == "training"]
+    if training and (len(training) > 1 or training[0] != len(steps) - 1):
+        problems.append(f"steps: a recipe takes one training pass, as its last step; got training steps {training}")
+    if training and train is None and "train" not in raw:
+        problems.append(
+            f"train: steps[{training[0]}] is a training pass ('{steps[training[0]].pass_name}'); add a train block"
+        )
+    if train is not None and not training:
+        problems.append("train: the train block drives a training pass (lbc, spre, ...), but no step is one")
+
     evals: list[EvalSpec] = []
     raw_eval = raw.get("eval") or []
     if not isinstance(raw_eval, list):
@@ -209,7 +228,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
 
     if problems:
         raise RecipeError(problems, source)
-    return Recipe(tuple(steps), model, calibration, tuple(evals), export, source)
+    return Recipe(tuple(steps), model, calibration, tuple(evals), export, source, train)
 
 
 def _apply_override(cfg: Any, override: str) -> None:

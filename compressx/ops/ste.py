@@ -56,28 +56,35 @@ def candidate_union(alive: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
 
 class _LBCMask(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scores, alive, candidates):  # type: ignore[override]
-        m = candidates.shape[1]
-        keep = from_blocks(candidate_union(alive, candidates), weight)
+    def forward(ctx, weight, scores, keep, alive, candidates):  # type: ignore[override]
         ctx.save_for_backward(weight, keep, alive, candidates)
-        ctx.m = m
         return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight, keep, alive, candidates = ctx.saved_tensors
         grad_weight = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        # Straight-through to the binarised union: ∂L/∂s_j = w_j · ∂L/∂ŵ_j, then s = α·B gives ∂L/∂α = (·) Bᵀ.
-        per_position = to_blocks(grad * weight, ctx.m).to(candidates.dtype)
-        grad_scores = (per_position @ candidates.t()) * alive.to(candidates.dtype)
-        return grad_weight, grad_scores.to(grad.dtype), None, None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:  # not once the scores are frozen
+            # Straight-through to the binarised union: ∂L/∂s_j = w_j · ∂L/∂ŵ_j; s = α·B gives ∂L/∂α = (·) Bᵀ.
+            per_position = to_blocks(grad * weight, candidates.shape[1]).to(candidates.dtype)
+            grad_scores = ((per_position @ candidates.t()) * alive.to(candidates.dtype)).to(grad.dtype)
+        return grad_weight, grad_scores, None, None, None
 
 
 def lbc_masked(
-    weight: torch.Tensor, scores: torch.Tensor, alive: torch.Tensor, candidates: torch.Tensor
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    alive: torch.Tensor,
+    candidates: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``weight`` masked by the union of alive candidates; gradients to ``weight`` and ``scores`` as in LBC.
 
     ``scores`` and ``alive`` are ``[blocks, C]``; ``candidates`` is the ``[C, M]`` 0/1 matrix of the N-subsets.
+    ``keep``, the weight-shaped union mask ``from_blocks(candidate_union(alive, candidates), weight)``, may be
+    passed in by a caller that caches it between changes of ``alive``.
     """
-    return _LBCMask.apply(weight, scores, alive, candidates)
+    if keep is None:
+        keep = from_blocks(candidate_union(alive, candidates), weight)
+    return _LBCMask.apply(weight, scores, keep, alive, candidates)

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from compressx.errors import ConfigError
-from compressx.ops.ste import from_blocks, lbc_masked
+from compressx.ops.ste import candidate_union, from_blocks, lbc_masked
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
@@ -128,7 +128,15 @@ class LBCMask(nn.Module):
         self.scores = nn.Parameter(torch.full((blocks, count), init, dtype=torch.float32, device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return lbc_masked(weight, self.scores, self.alive, self.candidates)
+        return lbc_masked(weight, self.scores, self.alive, self.candidates, self.keep_mask(weight))
+
+    def keep_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """The union mask of the alive candidates, recomputed only when ``alive`` changed (its version counter)."""
+        key = (self.alive._version, id(self.alive), like.shape)
+        if getattr(self, "_keep_key", None) != key:
+            self._keep = from_blocks(candidate_union(self.alive, self.candidates), like)
+            self._keep_key = key
+        return self._keep
 
     def final_mask(self, like: torch.Tensor) -> torch.Tensor:
         """The boolean keep-mask (weight-shaped) of the single best alive candidate of every block."""

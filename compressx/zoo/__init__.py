@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier
+from compressx.zoo import llama_byte, llama_byte_outlier, resnet_digits
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ZooMember:
     load: Callable[[str], nn.Module]
     tokenizer: Callable[[], Any]
     cache_salt: Callable[[], str]
+    save: Callable[[nn.Module, Path], None] = lambda model, directory: model.save_pretrained(directory)
 
 
 def _byte_lm(module: Any) -> ZooMember:
@@ -58,7 +59,21 @@ def _byte_lm(module: Any) -> ZooMember:
     )
 
 
-MEMBERS: dict[str, ZooMember] = {m.NAME: _byte_lm(m) for m in (llama_byte, llama_byte_outlier)}
+MEMBERS: dict[str, ZooMember] = {
+    **{m.NAME: _byte_lm(m) for m in (llama_byte, llama_byte_outlier)},
+    resnet_digits.NAME: ZooMember(
+        name=resnet_digits.NAME,
+        family="cnn",
+        description=resnet_digits.__doc__.strip().splitlines()[0],
+        builder_version=resnet_digits.BUILDER_VERSION,
+        build_empty=resnet_digits.build_empty,
+        train=resnet_digits.train,
+        load=resnet_digits.load,
+        tokenizer=lambda: None,
+        cache_salt=resnet_digits.cache_salt,
+        save=resnet_digits.save,
+    ),
+}
 
 
 def get_member(name: str) -> ZooMember:
@@ -89,7 +104,7 @@ def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            model.save_pretrained(tmp)
+            member.save(model, tmp)
             (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
             if target.exists():  # a half-finished earlier build (no build.json): replace it
                 shutil.rmtree(target)

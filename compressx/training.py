@@ -238,6 +238,7 @@ def trainer_callback(handle: TrainingHandle) -> Any:
     ``handle.finalize()`` after ``trainer.train()``.
     """
     import json
+    import math
     import os
 
     from transformers import TrainerCallback
@@ -246,7 +247,8 @@ def trainer_callback(handle: TrainingHandle) -> Any:
 
     class CompressxCallback(TrainerCallback):
         def on_epoch_begin(self, args, state, control, **kwargs):
-            handle.on_epoch_start(int(round(state.epoch or 0)))
+            # Floor: resuming mid-epoch, state.epoch still holds the checkpoint's fractional epoch (1.5 → 1).
+            handle.on_epoch_start(math.floor((state.epoch or 0) + 1e-6))
 
         def on_save(self, args, state, control, **kwargs):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -38,6 +38,15 @@ class TinyCNN(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: tiny training steps are ~100x slower with two OpenMP threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
 

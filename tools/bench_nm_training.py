@@ -222,8 +222,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the training runs")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "nm_training"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # tiny convs: one thread is as fast, and steady beside other processes
     args.seed_list = list(range(args.seeds))
     logging.basicConfig(level=logging.WARNING)
     raw_path, md_path = Path(args.out + ".json"), Path(args.out + ".md")

@@ -32,7 +32,9 @@ def to_input_last(weight: torch.Tensor) -> torch.Tensor:
 
 def from_input_last(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of ``to_input_last`` for a tensor shaped like ``to_input_last(like)``."""
-    return tensor if like.dim() == 2 else tensor.movedim(-1, 1).contiguous()
+    # clone, not contiguous(): with 1x1 kernels the moved view counts as contiguous but keeps channels-last
+    # strides, which would make masked weights (and convs on them) channels-last.
+    return tensor if like.dim() == 2 else tensor.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ class _LBCMask(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # not once the scores are frozen
             # Straight-through to the binarised union: ∂L/∂s_j = w_j · ∂L/∂ŵ_j; s = α·B gives ∂L/∂α = (·) Bᵀ.
             per_position = to_blocks(grad * weight, candidates.shape[1]).to(candidates.dtype)
-            grad_scores = ((per_position @ candidates.t()) * alive.to(candidates.dtype)).to(grad.dtype)
+            grad_scores = (per_position @ candidates.t()) * alive.to(candidates.dtype)
         return grad_weight, grad_scores, None, None, None
 
 

@@ -119,13 +119,15 @@ class LBCMask(nn.Module):
 
     def __init__(self, weight: torch.Tensor, n: int, m: int) -> None:
         super().__init__()
-        candidates = candidate_matrix(n, m).to(weight.device)
+        # Scores in float32 at least (half-precision models keep float32 scores), float64 for float64 models.
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        candidates = candidate_matrix(n, m).to(weight.device, dtype)
         blocks = weight.numel() // m
         count = candidates.shape[0]
         self.register_buffer("candidates", candidates)
         self.register_buffer("alive", torch.ones(blocks, count, dtype=torch.bool, device=weight.device))
         init = 1.0 / math.comb(m - 1, n - 1)
-        self.scores = nn.Parameter(torch.full((blocks, count), init, dtype=torch.float32, device=weight.device))
+        self.scores = nn.Parameter(torch.full((blocks, count), init, dtype=dtype, device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return lbc_masked(weight, self.scores, self.alive, self.candidates, self.keep_mask(weight))

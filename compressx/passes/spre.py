@@ -198,8 +198,8 @@ def following_batchnorm(model: nn.Module, name: str, conv: nn.Conv2d) -> str | N
     if position + 1 >= len(siblings):
         return None
     next_name, nxt = siblings[position + 1]
-    fits = nxt.num_features == conv.out_channels and nxt.affine and nxt.track_running_stats
-    if isinstance(nxt, nn.BatchNorm2d) and fits:
+    fits = isinstance(nxt, nn.BatchNorm2d) and nxt.affine and nxt.track_running_stats
+    if fits and nxt.num_features == conv.out_channels:
         return f"{parent_name}.{next_name}" if parent_name else next_name
     return None
 

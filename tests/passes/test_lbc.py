@@ -13,6 +13,9 @@ from compressx.ops.sparsity import is_nm_sparse, to_input_last
 from compressx.passes.lbc import LbcConfig, candidate_matrix, candidates_kept
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 class Net(nn.Module):
     """Stem conv (kept dense), two N:M convs (3x3 and 1x1), a hidden Linear and a dense classifier."""
 
@@ -138,7 +141,8 @@ def _official_effective_weight(weight, scores, candidates, m):
 def _kill_some(alive: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Remove a random subset of candidates, keeping at least one alive per block."""
     dead = torch.rand(alive.shape, generator=generator, dtype=torch.float64) < 0.5
-    dead[torch.arange(alive.shape[0]), torch.randint(0, alive.shape[1], (alive.shape[0],), generator=generator)] = False
+    survivor = torch.randint(0, alive.shape[1], (alive.shape[0],), generator=generator)
+    dead[torch.arange(alive.shape[0]), survivor] = False
     return alive & ~dead
 
 
@@ -268,7 +272,7 @@ def test_schedule_is_clamped_and_monotone(power):
     assert kept[: start + 1] == [count] * (start + 1)  # before t_i: nothing removed (official formula: k < 0)
     assert kept[end:] == [1] * (100 - end)  # after t_f: one left, also with an even power (official: regrows)
     assert all(a >= b for a, b in zip(kept, kept[1:]))
-    assert all(2 <= k for k in kept[:end])  # keep >= 2 until the window ends
+    assert all(k >= 2 for k in kept[:end])  # keep >= 2 until the window ends
 
 
 def test_removal_is_monotone_never_revives_and_freezes():

@@ -10,6 +10,9 @@ from compressx.ops.sparsity import is_nm_sparse, nm_mask, to_input_last
 from compressx.passes.sr_ste import SrSteConfig
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 class Net(nn.Module):
     def __init__(self, stem_in: int = 4, hidden: int = 16) -> None:
         super().__init__()
@@ -37,7 +40,7 @@ def test_forward_is_the_nm_projection_of_the_latent_weight(pattern):
     compressx.prepare(model, "sr_ste", {"pattern": pattern})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x = torch.randn(4, 4, 6, 6)
-    for step in range(3):  # the mask follows the latent weight at every step
+    for _ in range(3):  # the mask follows the latent weight at every step
         for name in ("conv", "pw", "fc"):
             module = model.get_submodule(name)
             latent = module.parametrizations.weight.original
@@ -54,7 +57,9 @@ def test_backward_adds_the_decay_on_pruned_weights(decay):
     torch.manual_seed(0)
     layer = nn.Linear(8, 3).double()
     compressx.prepare(
-        nn.Sequential(layer), "sr_ste", {"pattern": "2:4", "decay": decay, "skip_stem": False, "skip_classifier": False}
+        nn.Sequential(layer),
+        "sr_ste",
+        {"pattern": "2:4", "decay": decay, "skip_stem": False, "skip_classifier": False},
     )
     x = torch.randn(5, 8, dtype=torch.float64)
     upstream = torch.randn(5, 3, dtype=torch.float64)

@@ -13,7 +13,6 @@ from compressx.errors import CompressxError
 from compressx.ops.sparsity import is_nm_sparse, to_input_last
 from compressx.training import trainer_callback
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -12,7 +12,6 @@ from compressx.errors import ConfigError
 from compressx.ops.sparsity import is_nm_sparse, to_input_last
 from compressx.passes.lbc import LbcConfig, candidate_matrix, candidates_kept
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -10,7 +10,6 @@ from compressx.errors import ConfigError
 from compressx.ops.sparsity import is_nm_sparse, nm_mask, to_input_last
 from compressx.passes.spre import SpreConfig, SpReConv2d, spatial_mask
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

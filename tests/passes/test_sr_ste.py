@@ -9,7 +9,6 @@ from compressx.errors import ConfigError, RecipeError
 from compressx.ops.sparsity import is_nm_sparse, nm_mask, to_input_last
 from compressx.passes.sr_ste import SrSteConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -126,10 +126,31 @@ def _sparse_weights(directory: Path, files: list[str]) -> Iterator[tuple[str, to
                     yield name, tensor
 
 
-def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """Write ``tensors`` bitmask-packed to ``path``; return the manifest's ``sparse_format`` entry."""
+def _save_packed(packed: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, dense: int) -> dict[str, Any]:
+    """Write packed tensors to ``path``; return the manifest's ``sparse_format`` entry (size against dense)."""
     from safetensors.torch import save_file
 
+    save_file(packed, str(path), metadata=metadata)
+    size = path.stat().st_size
+    if not packed:
+        log.warning(
+            "sparse_format %s: no weight tensor qualifies, so %s packs nothing", metadata["sparse_format"], path
+        )
+    return {
+        "format": metadata["sparse_format"],
+        "file": path.name,
+        "bytes": size,
+        "dense_bytes": dense,
+        "ratio": round(size / dense, 6) if dense else None,
+    }
+
+
+def _dense_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """Write ``tensors`` bitmask-packed to ``path``; return the manifest's ``sparse_format`` entry."""
     packed: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for name, tensor in tensors.items():
@@ -138,43 +159,20 @@ def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any
         if signs is not None:
             packed[f"{name}.zero_signs"] = signs
         shapes[name] = list(tensor.shape)
-    save_file(packed, str(path), metadata={"sparse_format": "bitmask", "shapes": json.dumps(shapes)})
-    size = path.stat().st_size
-    dense = sum(t.numel() * t.element_size() for t in tensors.values())
-    if not tensors:
-        log.warning("sparse_format bitmask: no weight tensor has exact zeros, so %s packs nothing", path.name)
-    return {
-        "format": "bitmask",
-        "file": path.name,
-        "bytes": size,
-        "dense_bytes": dense,
-        "ratio": round(size / dense, 6) if dense else None,
-    }
+    metadata = {"sparse_format": "bitmask", "shapes": json.dumps(shapes)}
+    return _save_packed(packed, metadata, path, _dense_bytes(tensors))
 
 
 def _write_nm_packed(tensors: dict[str, torch.Tensor], patterns: dict[str, str], path: Path) -> dict[str, Any]:
     """Write the N:M tensors packed (values + in-block indices, ``ops.packing.pack_nm``); the manifest entry."""
-    from safetensors.torch import save_file
-
     packed: dict[str, torch.Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         n, m = (int(x) for x in patterns[name].split(":"))
         packed[f"{name}.values"], packed[f"{name}.indices"] = pack_nm(tensor, n, m)
         layout[name] = {"shape": list(tensor.shape), "pattern": patterns[name]}
-    save_file(packed, str(path), metadata={"sparse_format": "nm", "layout": json.dumps(layout)})
-    size = path.stat().st_size
-    dense = sum(t.numel() * t.element_size() for t in tensors.values())
-    if not tensors:
-        log.warning("sparse_format nm: no weight tensor is N:M sparse, so %s packs nothing", path.name)
-    return {
-        "format": "nm",
-        "file": path.name,
-        "tensors": len(tensors),
-        "bytes": size,
-        "dense_bytes": dense,
-        "ratio": round(size / dense, 6) if dense else None,
-    }
+    metadata = {"sparse_format": "nm", "layout": json.dumps(layout)}
+    return {**_save_packed(packed, metadata, path, _dense_bytes(tensors)), "tensors": len(tensors)}
 
 
 def _model_card(manifest: dict[str, Any]) -> str:

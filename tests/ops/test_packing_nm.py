@@ -104,3 +104,28 @@ def test_check_packed_nm_rejects_bad_input():
     descending[0] = torch.tensor([3, 1], dtype=torch.uint8)
     with pytest.raises(ValueError, match="ascending"):
         check_packed_nm(values, descending, (4, 16), 2, 4)
+
+
+def test_semi_structured_refuses_cpu_float32_and_says_why():
+    from compressx.ops.packing import to_semi_structured
+
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"float32 on cpu \(needs float16/bfloat16 on cuda\)"):
+        to_semi_structured(layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with sparse tensor cores")
+def test_semi_structured_matches_dense_on_cuda():
+    from compressx.ops.packing import to_semi_structured
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    model = model.half().cuda().eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(nm_mask(layer.weight.abs(), 2, 4))
+    x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
+    dense = model(x)
+    assert to_semi_structured(model) == ["0", "2"]
+    assert torch.allclose(model(x), dense, atol=1e-2, rtol=1e-2)

@@ -1,5 +1,7 @@
 """compressx.images: the image data blocks (digits, image_folder), their loaders and the top1 metric."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -25,7 +27,11 @@ def digits(**kwargs):
     "block, path, fragments",
     [
         ({"source": "digitz"}, "source", ["unknown image data source 'digitz'", "digits, image_folder", "'digits'?"]),
-        ({"source": "digits", "nosie": 0.1}, "nosie", ["unknown key 'nosie'", "did you mean 'noise'?", "train_images"]),
+        (
+            {"source": "digits", "nosie": 0.1},
+            "nosie",
+            ["unknown key 'nosie'", "did you mean 'noise'?", "train_images"],
+        ),
         ({"source": "digits", "path": "/x"}, "path", ["unknown key 'path'"]),  # a key of image_folder only
         ({"source": "image_folder", "path": "/x", "noise": 0.1}, "noise", ["unknown key 'noise'", "image_size"]),
         ({"source": "digits", "split": "val"}, "split", ["'val'", "allowed: train, test"]),
@@ -68,7 +74,7 @@ def test_digits_split_sizes_are_fixed_and_stratified():
     test_x, test_y = digits(split="test")
     assert train_x.shape == (1257, 1, 8, 8) and test_x.shape == (540, 1, 8, 8)
     assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
-    assert 0.0 <= float(train_x.min()) and float(train_x.max()) <= 1.0 and float(train_x.max()) == 1.0
+    assert float(train_x.min()) >= 0.0 and float(train_x.max()) <= 1.0 and float(train_x.max()) == 1.0
     train_counts, test_counts = torch.bincount(train_y, minlength=10), torch.bincount(test_y, minlength=10)
     total = train_counts + test_counts
     assert torch.all((test_counts.float() - 0.3 * total.float()).abs() <= 1), test_counts  # stratified
@@ -124,12 +130,15 @@ def _write_folder(root, size=(40, 30)):
             for i in range(3):
                 pixels = Image.new("RGB", size, colour)
                 pixels.putpixel((i, i), (0, 255, 0))  # make the images distinct
+                if split == "train":  # a gradient, so that crops and flips differ
+                    for x in range(size[0]):
+                        for y in range(size[1]):
+                            pixels.putpixel((x, y), (6 * x, 8 * y, 0))
                 pixels.save(folder / f"{i}.png")
 
 
 def test_image_folder_transforms(tmp_path):
     _write_folder(tmp_path)
-    val = image_dataset(parse_image_data_spec({"source": "image_folder", "path": str(tmp_path), "split": "val"}))
     spec = parse_image_data_spec({"source": "image_folder", "path": str(tmp_path), "split": "val", "image_size": 16})
     val = image_dataset(spec)
     assert len(val) == 6 and val.classes == ["cat", "dog"]
@@ -141,9 +150,11 @@ def test_image_folder_transforms(tmp_path):
     red = (torch.tensor([1.0, 0.0, 0.0]) - mean) / std
     centre = image[:, 8, 8]
     assert torch.allclose(centre, red, atol=1e-5)
-    assert val[3][1] == 1 and torch.allclose(val[3][0][:, 8, 8], (torch.tensor([0.0, 0.0, 1.0]) - mean) / std, atol=1e-5)
+    assert val[3][1] == 1 and torch.allclose(
+        val[3][0][:, 8, 8], (torch.tensor([0.0, 0.0, 1.0]) - mean) / std, atol=1e-5
+    )
 
-    train = image_dataset(dataclass_replace(spec, split="train"))
+    train = image_dataset(dataclasses.replace(spec, split="train"))
     assert len(train) == 6 and train[0][0].shape == (3, 16, 16)
     torch.manual_seed(0)
     draws = [train[0][0] for _ in range(8)]
@@ -151,12 +162,6 @@ def test_image_folder_transforms(tmp_path):
 
     batch_images, batch_labels = next(iter(loader(spec, batch_size=6, shuffle=False)))
     assert batch_images.shape == (6, 3, 16, 16) and batch_labels.tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def dataclass_replace(spec, **changes):
-    import dataclasses
-
-    return dataclasses.replace(spec, **changes)
 
 
 def test_image_folder_missing_split_directory(tmp_path):

@@ -77,7 +77,7 @@ BAD = [
     (("source: zoo", "source: hub"), ["model.source", "allowed: hf, timm, diffusers, zoo"]),
     (
         ("metric: perplexity", "metric: perplexty"),
-        ["eval[0].metric", "unknown metric 'perplexty'; allowed: perplexity; did you mean 'perplexity'?"],
+        ["eval[0].metric", "unknown metric 'perplexty'; allowed: perplexity, top1; did you mean 'perplexity'?"],
     ),
     (("split: test", "split: tests"), ["eval[0].data.split", "allowed: train, val, test"]),
     (("re:.*mlp.*", "re:.*mpl.*"), ["steps[0].targets[0]", "matches no module"]),
@@ -162,3 +162,109 @@ def test_parse_error_type():
     with pytest.raises(RecipeError) as err:
         parse_recipe({"steps": [{"pass": "magnitude", "config": {"sparsity": 2}}]}, "x.yaml")
     assert err.value.problems == ["steps[0].config.sparsity: got 2.0; sparsity must be in [0, 1)"]
+
+
+TRAINING = """
+model: {source: zoo, id: resnet_digits, pretrained: false}
+steps:
+  - pass: lbc
+    config: {pattern: "2:4", end_epoch: 2}
+train:
+  data: {source: digits, split: train, train_images: 200}
+  epochs: 4
+  optimizer: {name: sgd, lr: 0.05}
+eval:
+  - metric: top1
+    data: {source: digits, split: test}
+export: {dir: EXPORT, sparse_format: nm}
+"""
+
+MAGNITUDE_STEP = "  - pass: magnitude\n    config: {sparsity: 0.5}\n"
+
+
+def test_training_recipe_validates_on_the_meta_model(write, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSX_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(["validate", write(TRAINING)], capsys)
+    assert code == 0, err
+    assert "ok (1 step(s): lbc)" in out
+    assert not (tmp_path / "cache").exists()
+    # The N:M layer rules are checked on the meta model too: layer1 of resnet_digits has 16 input channels.
+    overrides = ['steps.0.config.pattern="1:32"', "steps.0.config.incompatible=error"]
+    code, _, err = run_cli(["validate", write(TRAINING), *overrides], capsys)
+    assert code == 2 and "steps[0]" in err and "layer1.conv1" in err and "not divisible by M=32" in err, err
+
+
+def test_training_recipe_round_trips_through_to_dict(write):
+    from compressx.recipe import parse_recipe
+
+    recipe = load_recipe(write(TRAINING))
+    resolved = recipe.to_dict()
+    assert resolved["train"]["data"] == {
+        "source": "digits",
+        "split": "train",
+        "train_images": 200,
+        "noise": 0.0,
+        "seed": 0,
+    }
+    assert resolved["train"]["optimizer"]["name"] == "sgd" and resolved["train"]["optimizer"]["lr"] == 0.05
+    assert resolved["train"]["schedule"] == {"name": "cosine", "warmup_epochs": 0}
+    assert resolved["model"] == {"source": "zoo", "id": "resnet_digits", "dtype": "float32", "pretrained": False}
+    again = parse_recipe(resolved, recipe.source)
+    assert again == recipe
+    assert again.to_dict() == resolved
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        # two training steps
+        (("steps:\n", "steps:\n  - pass: sr_ste\n"), "steps: a recipe takes one training pass, as its last step"),
+        # a training step that is not the last one
+        (("export:", "XX"), "steps: a recipe takes one training pass, as its last step; got training steps [0]"),
+        # a training step without a train block
+        (("train:\n", "unused:\n"), "train: steps[0] is a training pass ('lbc'); add a train block"),
+    ],
+    ids=["two-training-steps", "training-step-not-last", "no-train-block"],
+)
+def test_train_block_rules(write, capsys, edit, fragment):
+    text = TRAINING.replace(*edit)
+    if edit[1] == "XX":  # a weights pass after the training pass
+        text = TRAINING.replace(
+            'config: {pattern: "2:4", end_epoch: 2}\n', 'config: {pattern: "2:4", end_epoch: 2}\n' + MAGNITUDE_STEP
+        )
+    if edit[1] == "unused:\n":  # drop the whole train block
+        text = "\n".join(
+            line
+            for line in TRAINING.splitlines()
+            if not line.startswith(("train:", "  data:", "  epochs:", "  optimizer:"))
+        )
+    code, _, err = run_cli(["validate", write(text)], capsys)
+    assert code == 2 and fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_train_block_without_a_training_step(write, capsys):
+    text = TRAINING.replace('  - pass: lbc\n    config: {pattern: "2:4", end_epoch: 2}\n', MAGNITUDE_STEP)
+    code, _, err = run_cli(["validate", write(text)], capsys)
+    assert code == 2 and "train: the train block drives a training pass (lbc, spre, ...), but no step is one" in err
+
+
+def test_null_train_block_with_a_training_step_is_an_error(write, capsys):
+    # `train:` present but empty (or `train=null` as an override) leaves the training step without a trainer:
+    # it must be reported like a missing block, not run as a recipe whose handle is never driven nor finalized.
+    code, _, err = run_cli(["validate", write(TRAINING), "train=null"], capsys)
+    assert code == 2 and "add a train block" in err, err
+
+
+def test_bad_train_block_names_its_path(write, capsys):
+    code, _, err = run_cli(["validate", write(TRAINING), "train.optimizer.lrr=0.1"], capsys)
+    assert code == 2 and "train.optimizer.lrr: unknown key 'lrr'" in err and "did you mean 'lr'?" in err
+    code, _, err = run_cli(["validate", write(TRAINING), "train.schedule.warmup_epochs=4"], capsys)
+    assert code == 2 and "train.schedule.warmup_epochs: got 4; must be < epochs (4)" in err
+    code, _, err = run_cli(["validate", write(TRAINING), "train.data.split=val"], capsys)
+    assert code == 2 and "train.data.split" in err
+
+
+def test_unknown_top_level_train_key_path_has_one_dot(write, capsys):
+    code, _, err = run_cli(["validate", write(TRAINING), "train.epoch=3"], capsys)
+    assert code == 2 and "train.epoch: unknown key 'epoch'" in err, err  # not "train..epoch"

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -117,3 +118,59 @@ def test_outlier_member_is_registered_and_builds_on_meta():
     assert all(p.is_meta for p in model.parameters())
     assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 1.2e6
     assert zoo.cache_dir(member).parent.name == llama_byte_outlier.NAME
+
+
+def test_resnet_digits_is_registered_and_builds_on_meta():
+    from compressx.models import build_model, parse_model_spec
+    from compressx.zoo import resnet_digits
+
+    member = zoo.get_member(resnet_digits.NAME)
+    assert member.name == "resnet_digits" and member.family == "cnn" and member.tokenizer() is None
+    assert member.build_empty is resnet_digits.build_empty and member.train is resnet_digits.train
+    loaded = build_model(parse_model_spec({"source": "zoo", "id": "resnet_digits"}), meta=True)
+    assert type(loaded.model) is resnet_digits.ResNetDigits and loaded.family == "cnn"
+    assert all(p.is_meta for p in loaded.model.parameters())
+    assert 60_000 < sum(p.numel() for p in loaded.model.parameters()) < 90_000
+    assert loaded.model(torch.zeros(2, 1, 8, 8, device="meta")).shape == (2, 10)
+
+
+def test_resnet_digits_from_scratch_is_seeded_by_the_global_rng(tmp_path, monkeypatch):
+    from compressx.models import build_model, parse_model_spec
+
+    monkeypatch.setenv("COMPRESSX_CACHE", str(tmp_path))
+    spec = parse_model_spec({"source": "zoo", "id": "resnet_digits", "pretrained": False})
+    assert spec.to_dict()["pretrained"] is False
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return build_model(spec, progress=False)
+
+    a, b, c = build(0), build(0), build(1)
+    assert a.family == "cnn" and a.tokenizer is None
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.model.conv1.weight, c.model.conv1.weight)
+    assert not torch.equal(a.model.layer2.conv2.weight, c.model.layer2.conv2.weight)
+    assert not (tmp_path / "zoo").exists()  # nothing built or cached: a fresh init only
+
+
+@pytest.mark.slow
+def test_resnet_digits_dense_build_is_cached_and_accurate(zoo_cache, monkeypatch):
+    from compressx.images import parse_image_data_spec, top1
+    from compressx.zoo import resnet_digits
+
+    monkeypatch.setenv("COMPRESSX_CACHE", zoo_cache)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model, tokenizer = zoo.load_zoo_model(resnet_digits.NAME, progress=False)  # builds on first use
+    assert torch.equal(torch.rand(3), expected)  # the build leaves the caller's RNG alone
+    assert tokenizer is None and type(model) is resnet_digits.ResNetDigits and not model.training
+    key_dir = zoo.cache_dir(zoo.get_member(resnet_digits.NAME))
+    info = json.loads((key_dir / "build.json").read_text())
+    assert info["test_top1"] > 90
+    test = parse_image_data_spec({"source": "digits", "split": "test"})
+    assert top1(model, test) == pytest.approx(info["test_top1"], abs=1e-3)
+    again, _ = zoo.load_zoo_model(resnet_digits.NAME, progress=False)
+    for (name, x), y in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(x, y), name

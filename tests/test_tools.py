@@ -1,6 +1,10 @@
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,19 @@ def test_check_registry_reports_missing_pieces(tmp_path, monkeypatch):
         "pass 'magnitude': docs/passes/magnitude.md is missing",
         "pass 'wanda': no recipe under recipes/ uses it",
     ]
+
+
+@pytest.mark.slow
+def test_nm_training_benchmark_runs_small_and_resumes(tmp_path):
+    out = tmp_path / "nm"
+    args = [sys.executable, str(ROOT / "tools" / "bench_nm_training.py"), "--seeds", "1", "--patterns", "1:16"]
+    args += ["--epochs", "2", "--rounds", "1", "--steps", "1", "--out", str(out)]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("top1") == 5  # dense + four passes at 1:16, one seed
+    text = (tmp_path / "nm.md").read_text()
+    assert "| lbc | " in text and "## The issue's expectations" in text
+    assert "LBC beats magnitude + fine-tune on at least 4 of 5 seeds at 1:16: " in text
+    assert "(does not hold)" in text  # one seed cannot show 4 of 5
+    second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0 and "top1" not in second.stdout  # every run was already recorded

@@ -170,7 +170,7 @@ class RunResult:
     export_dir: str | None
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """False on the non-main processes of a distributed run (``accelerate launch``), which must not export."""
     from accelerate import PartialState
 
@@ -213,7 +213,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
         _train_and_finalize(loaded.model, recipe, result.steps[-1], progress)
     after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     export_dir = None
-    if recipe.export and export and _is_main_process():
+    if recipe.export and export and is_main_process():
         problem = check_export_target(recipe.export, overwrite)  # again: something may have appeared meanwhile
         if problem:
             raise RecipeError([problem], recipe.source)

@@ -39,6 +39,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export)
+    from compressx.api import is_main_process
+
+    if not is_main_process():  # under `accelerate launch`, one process reports
+        return 0
     for i, step in enumerate(run.result.steps):
         summary = summarize_report(step.report)
         print(f"step {i}: {step.pass_name} ({step.kind}) on {len(step.targets)} module(s): {summary}")

@@ -10,7 +10,10 @@
 
 Memory: only the layer being pruned is moved to the compute ``device`` (the rest of the model stays where it
 is, e.g. on CPU), plus two activation buffers of ``samples x seq_len x hidden`` floats (inputs and outputs of
-the current layer) and the statistics of one layer's Linears (a ``C_in x C_in`` Hessian each for SparseGPT).
+the current layer) and the statistics of one layer's Linears (a ``C_in x C_in`` Hessian each for SparseGPT),
+plus the transient memory of one forward or of pruning one Linear. The formula, what it leaves out, and its
+measurement: docs/passes/wanda.md ("Memory") and docs/results/offload_memory.md. On CPU, freed memory is handed
+back to the OS after each phase of a layer (``release_freed_memory``), else glibc's heap keeps it.
 
 Architectures are chosen through ``DECODER_LAYERS``: model_type -> path of the decoder layer list. Adding one
 is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the transformers Llama family.
@@ -19,7 +22,10 @@ is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +170,30 @@ def _store_offloaded(owner: nn.Module, param_name: str, value: torch.Tensor) -> 
         dataset[key] = value
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None off glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return memory that torch has freed to the OS, where glibc kept it in its heap (Linux only; a no-op elsewhere).
+
+    glibc serves CPU tensors under its mmap threshold from its heap, and it raises that threshold (up to 32 MiB)
+    each time a larger block is freed, so after a few layers the weight-sized temporaries of calibration and
+    pruning all come from the heap. Freed heap pages stay resident unless trimmed, so the process can hold far
+    more than its live tensors, more so as layers go by (measured in docs/results/offload_memory.md).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class _Captured(Exception):
     def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         super().__init__("inputs of the first decoder layer captured")
@@ -281,6 +311,7 @@ def prune_layer_by_layer(
                 finally:
                     for hook in hooks:
                         hook.remove()
+                release_freed_memory()  # the forwards' temporaries, before the pruning's own
                 with contextlib.ExitStack() as onloaded:
                     for module in offloaded:
                         onloaded.enter_context(align_module_device(module, device))
@@ -290,9 +321,12 @@ def prune_layer_by_layer(
                         owner = _offload_owner(layer, name) if offloaded else None
                         if owner is not None:
                             _store_offloaded(*owner, linear.weight)
+                del stats
+                release_freed_memory()  # the onloaded weights and the pruning's temporaries
             hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]
             if not offloaded:
                 layers[index].to(home)
+            release_freed_memory()  # the previous layer's inputs and the forwards' temporaries
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache

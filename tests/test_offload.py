@@ -1,6 +1,8 @@
 """Layer-by-layer pruning of models whose weights accelerate offloads to CPU or disk."""
 
+import gc
 import hashlib
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from accelerate import cpu_offload, disk_offload
 from accelerate.utils import align_module_device, has_offloaded_params
 
 import compressx
-from compressx.layerwise import execution_device
+from compressx.layerwise import execution_device, prune_layer_by_layer
 
 TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -89,3 +91,49 @@ def test_device_map_disk_never_writes_the_source_checkpoint(tmp_path):
     reloaded = compressx.load(tmp_path / "export")
     for name in expected:
         assert torch.equal(reloaded.get_submodule(name).weight, expected[name]), name
+
+
+def live_cpu_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage still referenced from Python (each storage counted once)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_disk_offloaded_pruning_keeps_only_the_current_layer_alive(tmp_path):
+    """While layer i is pruned, no other layer's weights are onloaded, and what is alive does not grow with i:
+    the memory formula of docs/passes/wanda.md counts one layer, not the layers already pruned."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    model = disk_offload(LlamaForCausalLM(config).eval(), str(tmp_path / "off"), execution_device=torch.device("cpu"))
+    layers = model.model.layers
+    layer_bytes = sum(p.numel() * 4 for p in LlamaForCausalLM(config).model.layers[0].parameters())
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    before = live_cpu_tensor_bytes()
+    live = []
+
+    def prune(index, linears, stats):
+        for j, layer in enumerate(layers):
+            onloaded = [n for n, p in layer.named_parameters() if p.device.type != "meta"]
+            assert (j == index) == bool(onloaded), (index, j, onloaded)
+        live.append(live_cpu_tensor_bytes() - before)
+        for linear in linears.values():
+            linear.weight.masked_fill_(linear.weight.abs() < linear.weight.abs().median(), 0.0)
+
+    prune_layer_by_layer(model, tokens, targets, prune, batch_size=2, progress=False)
+    assert len(live) == 4
+    assert min(live) >= layer_bytes  # the onloaded layer is seen: the count is not vacuous
+    assert max(live) - min(live) < layer_bytes / 2, live  # no earlier layer's weights kept alive
+    activations = 2 * tokens.numel() * config.hidden_size * 4
+    assert max(live) < layer_bytes + activations + layer_bytes / 2, (live, layer_bytes, activations)
+    assert live_cpu_tensor_bytes() - before < layer_bytes / 2  # nothing onloaded remains afterwards

@@ -268,3 +268,20 @@ def test_bad_train_block_names_its_path(write, capsys):
 def test_unknown_top_level_train_key_path_has_one_dot(write, capsys):
     code, _, err = run_cli(["validate", write(TRAINING), "train.epoch=3"], capsys)
     assert code == 2 and "train.epoch: unknown key 'epoch'" in err, err  # not "train..epoch"
+
+
+def test_top1_and_perplexity_apply_to_their_model_families(write, capsys):
+    llm_with_top1 = GOOD.replace(
+        "  - metric: perplexity\n    data: {source: stdlib_text, split: test, samples: 4, seq_len: 32}",
+        "  - metric: top1\n    data: {source: digits, split: test}",
+    )
+    code, _, err = run_cli(["validate", write(llm_with_top1)], capsys)
+    assert code == 2 and "eval[0]: metric 'top1' applies to cnn, vit, any models, not to this llm model" in err, err
+    cnn_with_perplexity = TRAINING.replace(
+        "  - metric: top1\n    data: {source: digits, split: test}",
+        "  - metric: perplexity\n    data: {source: stdlib_text, split: test, samples: 4, seq_len: 32}",
+    )
+    code, _, err = run_cli(["validate", write(cnn_with_perplexity)], capsys)
+    assert code == 2 and "eval[0]: metric 'perplexity' applies to llm models, not to this cnn model" in err, err
+    code, _, err = run_cli(["validate", write(TRAINING), "eval.0.data.split=val"], capsys)
+    assert code == 2 and "eval[0].data.split: got 'val'; allowed: train, test" in err, err

@@ -155,6 +155,7 @@ def test_resnet_digits_from_scratch_is_seeded_by_the_global_rng(tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # the build trains 30 epochs: ~10 s on one thread, minutes on two
 def test_resnet_digits_dense_build_is_cached_and_accurate(zoo_cache, monkeypatch):
     from compressx.images import parse_image_data_spec, top1
     from compressx.zoo import resnet_digits

@@ -4,6 +4,8 @@
 
 * ``perplexity`` — causal language models: exp of the mean next-token cross-entropy over the windows of the
   data block (every position but the first of each window is predicted).
+* ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
+  answer (``samples`` questions, the four kinds in equal parts).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class EvalSpec:
     @property
     def label(self) -> str:
         split = f"/{self.data.split}" if self.data.split else ""
+        if self.metric == "vqa_accuracy":
+            return f"{self.metric} ({self.data.source}{split}, {self.data.samples} questions)"
         return f"{self.metric} ({self.data.source}{split}, {self.data.samples}x{self.data.seq_len})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,9 +66,19 @@ def _run_perplexity(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) 
     return perplexity(model, load_tokens(spec.data, tokenizer), spec.batch_size, progress)
 
 
+def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
+    if spec.data.source != "digits_vqa":
+        raise CompressxError(f"{spec.label}: vqa_accuracy reads data source digits_vqa, got {spec.data.source}")
+    from compressx.zoo.llava_digits import TASKS, accuracy, vqa_batches
+
+    per_task = -(-spec.data.samples // len(TASKS))
+    return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
+
+
 # metric name -> (model families it applies to, runner)
 METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float]]] = {
     "perplexity": (("llm",), _run_perplexity),
+    "vqa_accuracy": (("mllm",), _run_vqa_accuracy),
 }
 _KEYS = {"metric", "data", "batch_size"}
 

@@ -6,4 +6,6 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.wanda",
     "compressx.passes.sparsegpt",
     "compressx.passes.dsnot",
+    "compressx.passes.vtw",
+    "compressx.passes.fastv",
 )

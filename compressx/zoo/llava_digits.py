@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 NAME = "llava_digits"
 BUILDER_VERSION = 1
 N_VIS = 16
-TRAINING = {"seed": 0, "steps": 1200, "batch": 64, "lr": 3e-3, "warmup": 60, "weight_decay": 0.05}
+TRAINING = {"seed": 0, "vision_steps": 200, "steps": 600, "batch": 64, "lr": 3e-3, "warmup": 60, "weight_decay": 0.05}
 WORDS = (
     *("<pad>", "<bos>", "<image>", "user", ":", "assistant", "and", "which", "digit", "is", "it", "?", "even"),
     *("the", "first", "larger", "are", "they", "equal", "yes", "no"),
@@ -200,17 +200,44 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
-def train(steps: int | None = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train from scratch, deterministically (fixed seeds, one task per step in turn)."""
+def _pretrain_vision(model: Any, images: torch.Tensor, labels: torch.Tensor, hp: dict[str, Any]) -> None:
+    """Stage 1: the vision tower alone learns the digits through a linear probe on its mean patch feature (LLaVA
+    starts from a pretrained CLIP the same way)."""
+    tower = model.model.vision_tower
+    probe = torch.nn.Linear(tower.config.hidden_size, 10)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr=hp["lr"], weight_decay=0.05)
+    gen = torch.Generator().manual_seed(hp["seed"] + 1)
+    for _ in range(hp["vision_steps"]):
+        picks = torch.randint(0, len(labels), (128,), generator=gen)
+        features = tower(pixel_values=images[picks]).last_hidden_state[:, 1:].mean(1)
+        F.cross_entropy(probe(features), labels[picks]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def train(
+    steps: int | None = None, progress: bool = True, vision_steps: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Train from scratch, deterministically: the vision tower first, then the projector and decoder with the
+    tower frozen, one question kind per step in turn. ``steps`` / ``vision_steps`` override the defaults (tests)."""
     hp = dict(TRAINING, steps=steps if steps is not None else TRAINING["steps"])
+    if vision_steps is not None:
+        hp["vision_steps"] = vision_steps
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
+        torch.manual_seed(hp["seed"])
+        return _train(hp, progress)
+
+
+def _train(hp: dict[str, Any], progress: bool) -> tuple[Any, dict[str, Any]]:
     images, labels = digits("train")
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hp["seed"])
-        model = build_empty()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    gen = torch.Generator().manual_seed(hp["seed"])
+    model = build_empty()
     model.train()
+    _pretrain_vision(model, images, labels, hp)
+    model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    gen = torch.Generator().manual_seed(hp["seed"])
     bar = tqdm(range(hp["steps"]), desc=f"building zoo model {NAME}", disable=not progress, unit="step")
     for step in bar:
         for group in optimizer.param_groups:
@@ -220,11 +247,12 @@ def train(steps: int | None = None, progress: bool = True) -> tuple[Any, dict[st
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits[:, -1]
         loss = F.cross_entropy(logits, batch["answers"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.requires_grad_(True)
     model.eval()
     info = {
         "member": NAME,

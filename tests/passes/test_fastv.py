@@ -75,7 +75,7 @@ def test_fastv_drops_half_the_vision_tokens_and_decodes_with_cache(attn):
 
 def test_padded_batch_equals_single_runs():
     model = make_tiny_llava(attn="sdpa")
-    rows = [prompt(), prompt(before=(1, 5), after=(8, 9, 10, 13, 14))]
+    rows = [prompt(), prompt(before=(1, 5), after=(8, 9, 10, 13, 14, 15, 16))]  # 23 and 25 tokens
     pvs = [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)]
     width = max(r.shape[1] for r in rows)
     ids = torch.zeros(2, width, dtype=torch.long)

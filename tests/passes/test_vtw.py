@@ -118,7 +118,7 @@ def left_pad(rows):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_padded_batch_of_two_equals_two_single_runs(attn):
     model = make_tiny_llava(attn=attn)
-    rows = [prompt(), prompt(before=(1, 5), after=(8, 9, 10, 13, 14))]
+    rows = [prompt(), prompt(before=(1, 5), after=(8, 9, 10, 13, 14, 15, 16))]  # 23 and 25 tokens
     pvs = [pixels(seed=1), pixels(seed=2)]
     ids, mask = left_pad(rows)
     TokenWithdrawal(model, 2)

@@ -95,8 +95,10 @@ def main() -> None:
           f"{analytic_prefill:.2f}x | {prefill_speedup / analytic_prefill:.0%} |")  # fmt: skip
     print(f"| decode (ms/token) | {1000 * med['full'][1]:.1f} | {1000 * med['vtw'][1]:.1f} | {decode_speedup:.2f}x | "
           f"{analytic_decode:.2f}x | {decode_speedup / analytic_decode:.0%} |")  # fmt: skip
+    paired = sorted(f[0] / v[0] for f, v in zip(times["full"], times["vtw"], strict=True))
+    print(f"\nprefill speed-up of each repeat (full / VTW, same repeat): {', '.join(f'{x:.2f}' for x in paired)}")
     giga, mega = 1e9, 1e6
-    print(f"\nanalytic FLOPs: prefill {flops['prefill_flops_full'] / giga:.1f} → {flops['prefill_flops'] / giga:.1f} "
+    print(f"analytic FLOPs: prefill {flops['prefill_flops_full'] / giga:.1f} → {flops['prefill_flops'] / giga:.1f} "
           f"GFLOP; decode {flops['decode_flops_per_token_full'] / mega:.1f} → "
           f"{flops['decode_flops_per_token'] / mega:.1f} MFLOP per token")  # fmt: skip
 

@@ -117,3 +117,13 @@ def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, lay
 @pytest.fixture
 def tiny_llava() -> nn.Module:
     return make_tiny_llava()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: on 2 shared, loaded cores a second thread only spins against
+    the other CPU users (tiny matmuls measured 25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

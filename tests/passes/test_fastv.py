@@ -12,6 +12,8 @@ from compressx.errors import ConfigError
 from compressx.ops.token_withdrawal import TokenWithdrawal, last_query_attention
 from compressx.passes.fastv import FastvConfig, fastv_keep
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def prompt(before=(1, 5, 6, 7), after=(8, 9, 10)):
     return torch.tensor([list(before) + [IMAGE_TOKEN] * 16 + list(after)])

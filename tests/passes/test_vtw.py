@@ -14,6 +14,8 @@ from compressx.passes.vtw import VtwConfig, first_under, kl_divergence
 
 N_VIS = 16
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def prompt(before=(1, 5, 6, 7), after=(8, 9, 10), images=1):
     ids = list(before)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import compressx
 from compressx.zoo import llava_digits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_build_is_deterministic_and_leaves_the_callers_rng_alone():
@@ -44,7 +48,8 @@ def test_vtw_recipe_on_the_zoo_llava(zoo_cache, tmp_path, monkeypatch):
     from compressx.recipe import load_recipe
 
     monkeypatch.setenv("COMPRESSX_CACHE", zoo_cache)
-    recipe = load_recipe("recipes/mllm/vtw.yaml", [f"export.dir={tmp_path / 'out'}", "eval.0.data.samples=200"])
+    path = Path(__file__).resolve().parents[2] / "recipes" / "mllm" / "vtw.yaml"
+    recipe = load_recipe(path, [f"export.dir={tmp_path / 'out'}", "eval.0.data.samples=200"])
     run = run_recipe(recipe, progress=False)
     label = "vqa_accuracy (digits_vqa/test, 200 questions)"
     assert run.eval_before[label] > 0.85  # the proxy answers from the images

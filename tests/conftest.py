@@ -78,18 +78,21 @@ def bpe_tokenizer():
 IMAGE_TOKEN = 100
 
 
-def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, layers: int = 4):
+def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, layers: int = 4, decoder: str = "llama"):
     """A tiny LLaVA-1.5 (8x8 images → 16 vision tokens) or LLaVA-NeXT (any-res: 8x16 / 16x16 grids) with a GQA
-    Llama decoder; image token id 100, pad id 0."""
+    decoder (``llama``, ``mistral`` without sliding window, or ``qwen2``); image token id 100, pad id 0."""
     from transformers import (
         CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
+        MistralConfig,
+        Qwen2Config,
     )
 
-    text = LlamaConfig(
+    text_config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[decoder]
+    text = text_config_class(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -99,6 +102,8 @@ def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, lay
         max_position_embeddings=512,
         pad_token_id=0,
     )
+    if decoder == "mistral":
+        text.sliding_window = None
     vision = CLIPVisionConfig(
         image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
     )

@@ -94,6 +94,27 @@ def test_cached_generation_equals_generation_without_cache(attn):
     assert torch.equal(cached, greedy_without_cache(model, ids, pv, 6))
 
 
+@pytest.mark.parametrize("decoder", ["mistral", "qwen2"])
+def test_other_decoders(decoder):
+    model = make_tiny_llava(attn="sdpa", decoder=decoder)
+    assert model.config.text_config.model_type == decoder
+    ids, pv = prompt(images=2), pixels(2)
+    base = model(input_ids=ids, pixel_values=pv).logits
+    handle = TokenWithdrawal(model, 4)
+    assert torch.equal(model(input_ids=ids, pixel_values=pv).logits, base)
+    handle.layer = 2
+    assert model(input_ids=ids, pixel_values=pv).logits.shape[1] == ids.shape[1] - 2 * N_VIS
+    cached = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=5, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(model, ids, pv, 5))
+
+
+def test_sliding_window_decoder_is_refused():
+    model = make_tiny_llava(decoder="mistral")
+    model.config.text_config.sliding_window = 8
+    with pytest.raises(CompressxError, match="sliding-window"):
+        TokenWithdrawal(model, 2)
+
+
 def test_cache_lengths_and_positions_follow_the_full_sequence(tiny_llava):
     ids, pv = prompt(), pixels()
     TokenWithdrawal(tiny_llava, 2)

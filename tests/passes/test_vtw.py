@@ -285,3 +285,64 @@ def test_recipe_export_reload_generate(tmp_path, next_):
     assert reloaded(input_ids=ids, **inputs).logits.shape[1] == 5  # withdrawn after reload
     gen = reloaded.generate(input_ids=ids, **inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(gen, run.model.generate(input_ids=ids, **inputs, max_new_tokens=4, do_sample=False))
+
+
+def tiny_processor():
+    """A LLaVA processor built here: a word-level tokenizer with ``<image>`` = 100 and an 8x8 CLIP image
+    processor (16 vision tokens per image)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "USER:": 2, "ASSISTANT:": 3, "what": 4, "is": 5, "this": 6, "?": 7}
+    words = Tokenizer(models.WordLevel({**vocab, "<image>": IMAGE_TOKEN}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    return LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=2, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )  # fmt: skip
+
+
+def test_recipe_with_image_prompts_and_the_kl_search(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from compressx.api import run_recipe
+    from compressx.recipe import parse_recipe
+
+    make_tiny_llava(attn="sdpa").save_pretrained(tmp_path / "base")
+    tiny_processor().save_pretrained(tmp_path / "base")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        Image.fromarray((rng.random((12, 12, 3)) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": "USER: <image> what is this ? ASSISTANT:"}))
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = parse_recipe(
+        {
+            "model": {"source": "hf", "id": str(tmp_path / "base"), "class": "LlavaForConditionalGeneration"},
+            "data": {"calibration": {"source": "image_prompts", "path": str(tmp_path / "prompts.jsonl")}},
+            "steps": [{"pass": "vtw", "config": {"layer": "auto", "threshold": 1e9, "search_start": 1}}],
+            "export": {"dir": str(tmp_path / "out")},
+        }
+    )
+    run = run_recipe(recipe, progress=False)
+    report = run.result.steps[0].report
+    assert report["calibration_prompts"] == 3 and report["layer"] == 1  # every KL passes: the first candidate
+    assert set(report["kl_per_layer"]) == {"1", "2", "3"} and all(v > 0 for v in report["kl_per_layer"].values())
+    assert report["flops"]["text_tokens"] == 6 and report["flops"]["vision_tokens"] == N_VIS
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(run.export_dir)  # the export holds the processor
+    inputs = processor(
+        images=Image.open(tmp_path / "0.png"), text="USER: <image> what is ASSISTANT:", return_tensors="pt"
+    )
+    reloaded = compressx.load(run.export_dir)
+    gen = reloaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(gen, run.model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    assert reloaded(**inputs).logits.shape[1] == inputs["input_ids"].shape[1] - N_VIS

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from compressx.errors import CompressxError
 
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 _CACHE_ATTR = "_compressx_withdrawal"  # (prompt keep-index [B, n_keep], prompt length) on a DynamicCache
 
@@ -64,7 +64,10 @@ def check_attention(config: Any) -> None:
 
 
 def vision_token_ids(model: nn.Module) -> tuple[int, ...]:
-    return (int(model.config.image_token_id),)
+    """The placeholder ids of vision features: images, and videos where the model has them (Qwen2-VL). Qwen2-VL's
+    ``<|vision_start|>`` / ``<|vision_end|>`` stay: they are text, as the official code keeps all text."""
+    ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    return tuple(int(i) for i in ids if i is not None)
 
 
 def withdraw_vision(vision: torch.Tensor, last_attention: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,9 @@ tokens), with their original rotary positions (a gap where the image was). Nothi
 distribution is averaged over the prompts; K is the first d whose mean is <= ``threshold`` (η, default 0.003, the
 official value for LLaVA-1.5-7B and every unlisted model). The KL of every candidate is logged and reported.
 
+Models: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` (Llama, Mistral or Qwen2
+decoders) and ``Qwen2VLForConditionalGeneration``; anything else gets a ``CompressxError``.
+
 Touches: forward hooks on the outer model, its text decoder and every decoder layer (``compressx.ops.
 token_withdrawal``); no weight changes. ``remove()`` on the handle restores the model exactly.
 

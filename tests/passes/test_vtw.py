@@ -108,6 +108,45 @@ def test_other_decoders(decoder):
     assert torch.equal(cached, greedy_without_cache(model, ids, pv, 5))
 
 
+def make_tiny_qwen2_vl(attn: str):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rope_parameters=rope, pad_token_id=0,
+                bos_token_id=1, eos_token_id=None)  # fmt: skip
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, mlp_ratio=2)  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=101,
+                           vision_start_token_id=102, vision_end_token_id=103)  # fmt: skip
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qwen2_vl_with_m_rope_positions(attn):
+    model = make_tiny_qwen2_vl(attn)
+    # an 8x8-patch image merged 2x2: 16 vision tokens between <|vision_start|> and <|vision_end|> (kept)
+    ids = torch.tensor([[1, 5, 6, 102] + [IMAGE_TOKEN] * 16 + [103, 8, 9]])
+    image = {"pixel_values": torch.randn(64, 24), "image_grid_thw": torch.tensor([[1, 8, 8]])}
+    types = (ids == IMAGE_TOKEN).long()
+    base = model(input_ids=ids, mm_token_type_ids=types, **image).logits
+    handle = TokenWithdrawal(model, 4)
+    assert torch.equal(model(input_ids=ids, mm_token_type_ids=types, **image).logits, base)
+    handle.layer = 2
+    out = model(input_ids=ids, mm_token_type_ids=types, **image).logits
+    assert out.shape[1] == ids.shape[1] - 16
+    torch.testing.assert_close(out[:, :4], base[:, :4], atol=1e-6, rtol=0)
+    cached = model.generate(input_ids=ids, mm_token_type_ids=types, **image, max_new_tokens=5, do_sample=False)
+    seq = ids
+    for _ in range(5):
+        seq_types = torch.cat([types, torch.zeros(1, seq.shape[1] - ids.shape[1], dtype=torch.long)], dim=1)
+        logits = model(input_ids=seq, mm_token_type_ids=seq_types, **image, use_cache=False).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, seq)
+
+
 def test_sliding_window_decoder_is_refused():
     model = make_tiny_llava(decoder="mistral")
     model.config.text_config.sliding_window = 8

@@ -108,8 +108,9 @@ class _Forward:
     n_full: int
     vision: torch.Tensor | None = None  # prefill: [B, n] vision positions
     keep: torch.Tensor | None = None  # prefill: [B, n_keep] query positions kept from layer K on
-    key_keep: torch.Tensor | None = None  # cached step: [B, kv_keep] key columns of the withdrawn layers
-    sliced: dict[str, Any] | None = None  # gathered mask / rotary / positions, computed once per forward
+    # gathered mask / rotary / positions, computed once per forward; in a cached step, also the cache's "prompt"
+    # (keep-index, length) record
+    sliced: dict[str, Any] | None = None
     last_attention: torch.Tensor | None = None  # fastv: [B, n] attention of the last query at layer K-1
 
 
@@ -177,8 +178,7 @@ class TokenWithdrawal:
             _check_cache(cache)
         recorded = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if recorded is not None:
-            self._forward = _Forward(n_full=embeds.shape[1], key_keep=None)
-            self._forward.sliced = {"prompt": recorded}
+            self._forward = _Forward(n_full=embeds.shape[1], sliced={"prompt": recorded})
             return
         if vision is None or not bool(vision.any()) or self.layer >= len(self.layers):
             return

@@ -11,7 +11,8 @@ restores the model exactly.
 
 Deviations from the official code: the attention is recomputed from layer K-1's projections for the last
 position only (the official code asks the layer for the whole attention matrix, which needs eager attention);
-every ``image_token_id`` position of a row is ranked (several images, padded batches), not one fixed span; cached
+every ``image_token_id`` position of a row is ranked (several images, left-padded batches: the ranking query is the
+last position), not one fixed span; cached
 decoding keeps the shortened cache of the withdrawn layers (the official inplace variant recomputes without cache).
 """
 

@@ -63,3 +63,25 @@ def test_vtw_recipe_on_the_zoo_llava(zoo_cache, tmp_path, monkeypatch):
     out = reloaded.generate(**prompt, max_new_tokens=1, do_sample=False)
     assert torch.equal(out, run.model.generate(**prompt, max_new_tokens=1, do_sample=False))
     assert reloaded(**prompt).logits.shape[1] == prompt["input_ids"].shape[1] - 16 or layer == 6
+
+
+def test_multimodal_data_blocks_and_metric_errors(tmp_path):
+    from compressx.data import load_calibration, parse_data_spec
+    from compressx.errors import CompressxError, ConfigError
+    from compressx.evaluate import METRICS, parse_eval_spec
+
+    spec = parse_data_spec({"source": "digits_vqa", "split": "val", "samples": 5})
+    prompts = load_calibration(spec, None)
+    assert len(prompts) == 5 and prompts[0]["input_ids"].shape == (1, 26)  # bos user : + 16 + 5 words + assistant :
+    with pytest.raises(ConfigError, match="split"):
+        parse_data_spec({"source": "digits_vqa", "split": "dev"})
+    with pytest.raises(ConfigError, match="path"):
+        parse_data_spec({"source": "image_prompts"})
+    missing = parse_data_spec({"source": "image_prompts", "path": str(tmp_path / "none.jsonl")})
+    with pytest.raises(ConfigError, match="none.jsonl"):
+        load_calibration(missing, lambda **kw: kw)
+    with pytest.raises(CompressxError, match="processor"):
+        load_calibration(missing, None)
+    text_eval = parse_eval_spec({"metric": "vqa_accuracy", "data": {"source": "stdlib_text"}})
+    with pytest.raises(CompressxError, match="digits_vqa"):
+        METRICS["vqa_accuracy"][1](None, None, text_eval, False)

@@ -15,7 +15,9 @@ several models at once work.
 Refused with a ``CompressxError``: model classes other than ``SUPPORTED``, attention implementations other than
 eager / sdpa (flash and flex take other mask layouts), sliding-window decoders, caches other than a plain
 ``DynamicCache``, a prefill with vision tokens on a non-empty cache (chunked prefill, prefix reuse), ``labels``
-(the output is shorter than the input), and a batch whose rows keep different numbers of tokens.
+(the output is shorter than the input), and a batch whose rows keep different numbers of tokens. Not supported and
+not detected: assisted / speculative decoding and contrastive search (``cache.crop`` cuts every layer to one
+length), and several threads sharing one hooked model.
 """
 
 from __future__ import annotations

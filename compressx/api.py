@@ -206,7 +206,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     loaded = build_model(recipe.model, progress=progress)
     calibration = None
     if recipe.calibration is not None:
-        calibration = data_mod.load_tokens(recipe.calibration, loaded.tokenizer)
+        calibration = data_mod.load_calibration(recipe.calibration, loaded.tokenizer)
     before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     result = apply(loaded.model, recipe.steps, calibration, progress=progress)
     if recipe.train is not None:

@@ -10,6 +10,14 @@ Text sources give ``[samples, seq_len]`` token tensors, used as calibration data
 * ``hf_dataset`` — a Hugging Face dataset the user has locally (``path:``, ``split:``, ``text_field:``,
   ``data_files:``); needs the optional ``datasets`` package.
 
+Multimodal sources give prompts with images as model-input mappings (``load_calibration``), for passes and
+metrics on multimodal LLMs:
+
+* ``digits_vqa`` — visual questions about scikit-learn's digit images, in the word vocabulary of the zoo's
+  ``llava_digits`` (``split:`` train / val / test; ``samples`` prompts, the four question kinds in turn);
+* ``image_prompts`` — a local JSON-lines file (``path:``), one ``{"image": <file>, "prompt": <text with the
+  model's image placeholder>}`` per line, run through the model's processor; the first ``samples`` lines.
+
 A data block is ``{source, <source keys>, samples, seq_len, seed}``; ``samples`` windows of ``seq_len`` tokens
 are drawn at random positions with ``seed``, so the same block always gives the same tensor.
 """
@@ -174,6 +182,8 @@ TEXT_SOURCES: dict[str, tuple[set[str], set[str], Callable[[DataSpec], str]]] = 
     "hf_dataset": ({"path", "split", "text_field", "data_files"}, {"path"}, _hf_dataset_text),
 }
 _COMMON_KEYS = {"source", "samples", "seq_len", "seed"}
+# multimodal source name -> keys allowed besides source/samples/seq_len/seed (seq_len is unused by them)
+MULTIMODAL_SOURCES: dict[str, set[str]] = {"digits_vqa": {"split"}, "image_prompts": {"path"}}
 
 
 def parse_data_spec(block: Any) -> DataSpec:
@@ -181,12 +191,15 @@ def parse_data_spec(block: Any) -> DataSpec:
     if not isinstance(block, dict):
         raise ConfigError(f"expected a mapping with a 'source' key, got {block!r}")
     source = block.get("source")
-    if source not in TEXT_SOURCES:
-        raise ConfigError(unknown_name_message("data source", str(source), TEXT_SOURCES), path="source")
-    extra, required, _ = TEXT_SOURCES[source]
+    if source not in TEXT_SOURCES and source not in MULTIMODAL_SOURCES:
+        allowed = [*TEXT_SOURCES, *MULTIMODAL_SOURCES]
+        raise ConfigError(unknown_name_message("data source", str(source), allowed), path="source")
+    extra, required = (TEXT_SOURCES[source][:2]) if source in TEXT_SOURCES else (MULTIMODAL_SOURCES[source], set())
     for key in block:
         if key not in _COMMON_KEYS | extra:
             raise ConfigError(unknown_key_message(str(key), _COMMON_KEYS | extra), path=str(key))
+    if source == "image_prompts":
+        required = {"path"}
     for key in required - set(block):
         raise ConfigError(f"data source '{source}' needs '{key}'", path=key)
     for key in ("samples", "seq_len"):
@@ -199,7 +212,7 @@ def parse_data_spec(block: Any) -> DataSpec:
     for key in ("path", "split", "text_field", "data_files"):
         if key in block and not isinstance(block[key], str):
             raise ConfigError(f"got {block[key]!r}; expected a string", path=key)
-    if source == "stdlib_text" and block.get("split", "test") not in SPLITS:
+    if source in ("stdlib_text", "digits_vqa") and block.get("split", "test") not in SPLITS:
         raise ConfigError(f"got {block['split']!r}; allowed: {', '.join(SPLITS)}", path="split")
     if source == "text_file" and not os.path.isfile(block["path"]):
         raise ConfigError(f"no such file {block['path']!r}", path="path")
@@ -219,3 +232,36 @@ def load_tokens(spec: DataSpec, tokenizer: Any) -> torch.Tensor:
     text = TEXT_SOURCES[spec.source][2](spec)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     return sample_windows(ids, spec.samples, spec.seq_len, spec.seed)
+
+
+def load_calibration(spec: DataSpec, tokenizer: Any) -> Any:
+    """Calibration data of a block: a token tensor (text sources) or a list of model inputs (multimodal ones)."""
+    if spec.source == "digits_vqa":
+        from compressx.zoo.llava_digits import calibration_prompts
+
+        return calibration_prompts(spec.split or "val", spec.samples, spec.seed)
+    if spec.source == "image_prompts":
+        return image_prompts(spec, tokenizer)
+    return load_tokens(spec, tokenizer)
+
+
+def image_prompts(spec: DataSpec, processor: Any) -> list[dict[str, Any]]:
+    """The first ``samples`` lines of a JSON-lines file of ``{image, prompt}``, each processed into model inputs."""
+    import json
+
+    from PIL import Image
+
+    if processor is None or not callable(processor):
+        raise CompressxError("data source image_prompts needs the model's processor (a transformers AutoProcessor)")
+    base = Path(spec.path).parent
+    lines = _read(spec.path, "path").splitlines()[: spec.samples]
+    prompts = []
+    for number, line in enumerate(lines):
+        try:
+            item = json.loads(line)
+            image = Image.open(base / item["image"]).convert("RGB")
+        except (json.JSONDecodeError, KeyError, OSError) as err:
+            raise ConfigError(f"line {number + 1}: {type(err).__name__}: {err}", path="path") from err
+        inputs = processor(images=image, text=item["prompt"], return_tensors="pt")
+        prompts.append({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+    return prompts

@@ -6,6 +6,8 @@
   data block (every position but the first of each window is predicted).
 * ``top1`` — image classifiers: top-1 accuracy in percent on an image data block (``compressx.images``:
   ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
+* ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
+  answer (``samples`` questions, the four kinds in equal parts).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class EvalSpec:
         if isinstance(self.data, ImageDataSpec):
             return f"{self.metric} ({self.data.label})"
         split = f"/{self.data.split}" if self.data.split else ""
+        if self.metric == "vqa_accuracy":
+            return f"{self.metric} ({self.data.source}{split}, {self.data.samples} questions)"
         return f"{self.metric} ({self.data.source}{split}, {self.data.samples}x{self.data.seq_len})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,9 +75,19 @@ def _run_top1(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> flo
     return top1(model, spec.data, batch_size=spec.batch_size, progress=progress)
 
 
+def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
+    if spec.data.source != "digits_vqa":
+        raise CompressxError(f"{spec.label}: vqa_accuracy reads data source digits_vqa, got {spec.data.source}")
+    from compressx.zoo.llava_digits import TASKS, accuracy, vqa_batches
+
+    per_task = -(-spec.data.samples // len(TASKS))
+    return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
+
+
 # metric name -> (model families it applies to, runner, parser of its data block)
 METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float], Callable[[Any], Any]]] = {
     "perplexity": (("llm",), _run_perplexity, parse_data_spec),
+    "vqa_accuracy": (("mllm",), _run_vqa_accuracy, parse_data_spec),
     "top1": (("cnn", "vit", "any"), _run_top1, parse_image_data_spec),
 }
 _KEYS = {"metric", "data", "batch_size"}

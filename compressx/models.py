@@ -140,7 +140,10 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                         model = cls._from_config(config, dtype=dtype)
             else:
                 model = cls.from_pretrained(spec.id, dtype=dtype, **spec.kwargs).eval()
-            return LoadedModel(model, spec, _hf_tokenizer(spec.id), _family_of(model))
+            family = _family_of(model)
+            # Multimodal models get their processor (text + images) where text models get their tokenizer.
+            tokenizer = _hf_processor(spec.id) if family == "mllm" else _hf_tokenizer(spec.id)
+            return LoadedModel(model, spec, tokenizer, family)
         if spec.source == "timm":
             import timm
 
@@ -179,6 +182,16 @@ def _hf_tokenizer(model_id: str) -> Any:
 
     try:
         return transformers.AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _hf_processor(model_id: str) -> Any:
+    """The model's processor (tokenizer and image processor), or None when its directory has none."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(model_id)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

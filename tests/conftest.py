@@ -82,3 +82,52 @@ def bpe_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([stdlib_text("val")[:200_000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+IMAGE_TOKEN = 100
+
+
+def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, layers: int = 4, decoder: str = "llama"):
+    """A tiny LLaVA-1.5 (8x8 images → 16 vision tokens) or LLaVA-NeXT (any-res: 8x16 / 16x16 grids) with a GQA
+    decoder (``llama``, ``mistral`` without sliding window, or ``qwen2``); image token id 100, pad id 0."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+        Qwen2Config,
+    )
+
+    text_config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[decoder]
+    text = text_config_class(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    if decoder == "mistral":
+        text.sliding_window = None
+    vision = CLIPVisionConfig(
+        image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    common = dict(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN, image_seq_length=16)
+    if next_:
+        config = LlavaNextConfig(**common, vision_feature_layer=-1, image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]])
+        cls = LlavaNextForConditionalGeneration
+    else:
+        config = LlavaConfig(**common, vision_feature_layer=-1)
+        cls = LlavaForConditionalGeneration
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+@pytest.fixture
+def tiny_llava() -> nn.Module:
+    return make_tiny_llava()

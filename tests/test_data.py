@@ -34,7 +34,11 @@ def test_text_file_source(tmp_path):
 @pytest.mark.parametrize(
     "block, path, fragment",
     [
-        ({"source": "wikitext"}, "source", "allowed: hf_dataset, stdlib_text, text_file, text_files"),
+        (
+            {"source": "wikitext"},
+            "source",
+            "allowed: digits_vqa, hf_dataset, image_prompts, stdlib_text, text_file, text_files",
+        ),
         ({"source": "stdlib_text", "split": "dev"}, "split", "allowed: train, val, test"),
         ({"source": "stdlib_text", "sampels": 3}, "sampels", "did you mean 'samples'?"),
         ({"source": "stdlib_text", "samples": 0}, "samples", "positive integer"),

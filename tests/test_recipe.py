@@ -77,7 +77,10 @@ BAD = [
     (("source: zoo", "source: hub"), ["model.source", "allowed: hf, timm, diffusers, zoo"]),
     (
         ("metric: perplexity", "metric: perplexty"),
-        ["eval[0].metric", "unknown metric 'perplexty'; allowed: perplexity, top1; did you mean 'perplexity'?"],
+        [
+            "eval[0].metric",
+            "unknown metric 'perplexty'; allowed: perplexity, top1, vqa_accuracy; did you mean 'perplexity'?",
+        ],
     ),
     (("split: test", "split: tests"), ["eval[0].data.split", "allowed: train, val, test"]),
     (("re:.*mlp.*", "re:.*mpl.*"), ["steps[0].targets[0]", "matches no module"]),

@@ -10,4 +10,6 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.spre",
     "compressx.passes.sr_ste",
     "compressx.passes.magnitude_finetune",
+    "compressx.passes.vtw",
+    "compressx.passes.fastv",
 )

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, resnet_digits
+from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ MEMBERS: dict[str, ZooMember] = {
         cache_salt=resnet_digits.cache_salt,
         save=resnet_digits.save,
     ),
+    llava_digits.NAME: ZooMember(
+        name=llava_digits.NAME,
+        family="mllm",
+        description=llava_digits.__doc__.strip().splitlines()[0],
+        builder_version=llava_digits.BUILDER_VERSION,
+        build_empty=llava_digits.build_empty,
+        train=llava_digits.train,
+        load=llava_digits.load,
+        tokenizer=llava_digits.WordTokenizer,
+        cache_salt=llava_digits.cache_salt,
+    ),
 }
 
 
@@ -112,5 +123,6 @@ def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("built %s in %.0f s: val perplexity %.3f", name, info["build_seconds"], info["val_perplexity"])
+        quality = {k: v for k, v in info.items() if k.startswith("val_")}
+        log.info("built %s in %.0f s: %s", name, info["build_seconds"], quality)
     return member.load(str(target)), member.tokenizer()

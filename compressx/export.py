@@ -84,6 +84,9 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
 
     save_model(model, str(directory / "model.safetensors"))
     entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:  # rebuilt architectures start in float32: reload casts them back
+        entry["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     if source and source.get("source") == "timm":
         entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
     elif source and source.get("source") == "zoo":
@@ -228,6 +231,15 @@ def save(
     target = Path(directory)
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    from compressx.training import IN_TRAINING
+
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    in_training = sorted({type(m).__name__ for m in modules if getattr(m, IN_TRAINING, False)})
+    if in_training:
+        raise ExportError(
+            f"the model still holds training-pass modules ({', '.join(in_training)}): call handle.finalize() "
+            "first, which writes the N:M weights into plain modules"
+        )
     steps = result.steps if result is not None else []
     for step in steps:
         if step.kind in REAPPLIED_KINDS:
@@ -385,6 +397,8 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
             )
     else:
         raise ExportError(f"{directory}: unknown model format {fmt!r}; known: transformers, timm, zoo, torch")
+    if fmt != "torch" and isinstance(getattr(torch, str(entry.get("dtype")), None), torch.dtype):
+        model = model.to(getattr(torch, entry["dtype"]))
     load_model(model, str(directory / "model.safetensors"))
     return model.eval()
 

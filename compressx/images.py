@@ -67,6 +67,8 @@ def parse_image_data_spec(block: Any) -> ImageDataSpec:
     train_images = block.get("train_images")
     if train_images is not None and (isinstance(train_images, bool) or not isinstance(train_images, int)):
         raise ConfigError(f"got {train_images!r}; expected a positive integer", path="train_images")
+    if train_images is not None and split != "train":
+        raise ConfigError("train_images subsets the train split only; the test split is used whole", "train_images")
     if train_images is not None and not 10 <= train_images <= 1257:
         raise ConfigError(
             f"got {train_images}; the digits training part has 1257 images (10 at least)", "train_images"
@@ -104,7 +106,7 @@ def digits_tensors(spec: ImageDataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = torch.as_tensor(train_index if spec.split == "train" else test_index)
     images, labels = images[chosen], labels[chosen]
     if spec.noise:
-        # Noise drawn per image from (seed, split): the same tensors in every run and process.
+        # Noise drawn from (seed, split) for the chosen images in order: the same tensors in every run and process.
         generator = torch.Generator().manual_seed(spec.seed * 2 + (spec.split == "test"))
         images = images + spec.noise * torch.randn(images.shape, generator=generator)
     return images, labels

@@ -187,7 +187,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     training = [i for i, kind in enumerate(kinds) if kind == "training"]
     if training and (len(training) > 1 or training[0] != len(steps) - 1):
         problems.append(f"steps: a recipe takes one training pass, as its last step; got training steps {training}")
-    if training and train is None and "train" not in raw:
+    if training and train is None and raw.get("train") is None:  # absent or null, not merely invalid
         problems.append(
             f"train: steps[{training[0]}] is a training pass ('{steps[training[0]].pass_name}'); add a train block"
         )

@@ -101,7 +101,7 @@ def _mapping(block: Any, keys: tuple[str, ...], path: str) -> dict:
         raise ConfigError(f"expected a mapping with keys {', '.join(keys)}, got {block!r}", path=path)
     for key in block:
         if key not in keys:
-            raise ConfigError(unknown_key_message(str(key), keys), path=f"{path}.{key}")
+            raise ConfigError(unknown_key_message(str(key), keys), path=f"{path}.{key}" if path else str(key))
     return block
 
 

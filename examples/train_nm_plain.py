@@ -45,6 +45,8 @@ def main() -> None:
         first_epoch = handle.epoch + 1
 
     generator = torch.Generator().manual_seed(0)
+    if args.resume:
+        generator.set_state(state["shuffle"])  # the data order goes on where it stopped
     for epoch in range(first_epoch, args.epochs):
         handle.on_epoch_start(epoch)  # (2) the pass's schedule for this epoch
         model.train()
@@ -58,7 +60,8 @@ def main() -> None:
         scheduler.step()
         if args.checkpoint:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "handle": handle.state_dict()}  # fmt: skip
+                     "scheduler": scheduler.state_dict(), "handle": handle.state_dict(),
+                     "shuffle": generator.get_state()}  # fmt: skip
             torch.save(state, args.checkpoint)
 
     model = handle.finalize()  # (3) plain Conv2d / Linear modules whose weights hold the N:M zeros

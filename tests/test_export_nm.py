@@ -92,6 +92,7 @@ def test_zoo_module_export_reloads_without_model(tmp_path):
     manifest = compressx.read_manifest(out)
     assert manifest["model"] == {
         "class": "compressx.zoo.resnet_digits.ResNetDigits",
+        "dtype": "float32",
         "format": "zoo",
         "member": "resnet_digits",
     }

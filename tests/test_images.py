@@ -98,8 +98,9 @@ def test_train_images_subset_is_stratified_deterministic_and_seeded():
     assert torch.equal(x, x2) and torch.equal(y, y2)
     x3, _ = digits(train_images=100, seed=1)
     assert not torch.equal(x, x3)
-    # The test split ignores train_images (and stays the fixed 540 images).
-    assert torch.equal(digits(split="test", train_images=100)[0], digits(split="test")[0])
+    # The test split is always the fixed 540 images: train_images there is an error, not silently ignored.
+    with pytest.raises(ConfigError, match="train_images subsets the train split only"):
+        digits(split="test", train_images=100)
 
 
 def test_noise_is_deterministic_per_seed_and_split():
@@ -114,8 +115,8 @@ def test_noise_is_deterministic_per_seed_and_split():
     assert torch.equal(test_noisy, digits(split="test", noise=0.25)[0])
     test_delta = test_noisy - clean_test
     assert not torch.allclose(test_delta, delta[: len(test_delta)])  # train and test draw different noise
-    # The test tensors do not depend on train_images (the training subset is chosen before the noise).
-    assert torch.equal(test_noisy, digits(split="test", noise=0.25, train_images=100)[0])
+    # The test tensors do not depend on the training subset's seed-free settings: same (seed, split), same noise.
+    assert torch.equal(test_noisy, digits(split="test", noise=0.25)[0])
     # Scaling: noise 0.5 is twice the noise 0.25 draw.
     assert torch.allclose(digits(noise=0.5)[0] - clean_train, 2 * delta, atol=1e-6)
 

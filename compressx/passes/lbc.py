@@ -117,6 +117,8 @@ def remove_lowest(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch
 class LBCMask(nn.Module):
     """The parametrization of one layer's weight: ``weight ↦ weight ⊙ (union of alive candidates)``."""
 
+    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
+
     def __init__(self, weight: torch.Tensor, n: int, m: int) -> None:
         super().__init__()
         # Scores in float32 at least (half-precision models keep float32 scores), float64 for float64 models.

@@ -54,6 +54,8 @@ class MagnitudeFinetuneConfig(NMTrainingConfig):
 class FixedMask(nn.Module):
     """The parametrization of one layer's weight: ``weight ↦ weight ⊙ mask`` with a fixed boolean mask."""
 
+    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))

@@ -136,6 +136,8 @@ def fold_into_conv_bn(
 class SpReConv2d(nn.Module):
     """Training-time SpRe block: the N:M main conv and its BatchNorm, plus the spatially masked extra branch."""
 
+    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
+
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, n: int, m: int, decay: float, every: int) -> None:
         super().__init__()
         self.conv, self.bn = conv, bn

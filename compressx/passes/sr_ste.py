@@ -55,6 +55,8 @@ class SrSteConfig(NMTrainingConfig):
 class SRSTEMask(nn.Module):
     """The parametrization of one layer's weight: its N:M projection, with SR-STE's backward."""
 
+    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
+
     def __init__(self, n: int, m: int, decay: float) -> None:
         super().__init__()
         self.n, self.m, self.decay = n, m, decay

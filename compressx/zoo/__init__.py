@@ -123,6 +123,6 @@ def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        quality = {k: v for k, v in info.items() if k.startswith("val_")}
+        quality = {k: v for k, v in info.items() if k.startswith(("val_", "test_"))}
         log.info("built %s in %.0f s: %s", name, info["build_seconds"], quality)
     return member.load(str(target)), member.tokenizer()

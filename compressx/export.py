@@ -381,12 +381,14 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
     if fmt == "timm":
         import timm
 
-        model = timm.create_model(entry["architecture"], pretrained=False, **entry.get("kwargs", {}))
+        with torch.random.fork_rng():  # the init is overwritten by the weights: leave the caller's RNG alone
+            model = timm.create_model(entry["architecture"], pretrained=False, **entry.get("kwargs", {}))
     elif fmt == "zoo":
         from compressx import zoo
 
         try:
-            model = zoo.get_member(entry["member"]).build_empty()
+            with torch.random.fork_rng():
+                model = zoo.get_member(entry["member"]).build_empty()
         except CompressxError as err:
             raise ExportError(f"{directory}: {err}") from err
     elif fmt == "torch":

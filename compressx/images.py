@@ -130,8 +130,11 @@ def image_dataset(spec: ImageDataSpec) -> torch.utils.data.Dataset:
 
 
 def loader(spec: ImageDataSpec, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A ``DataLoader`` over the dataset (shuffled with its own seeded generator when ``shuffle``)."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    """A ``DataLoader`` over the dataset, shuffled when ``shuffle``.
+
+    It has its own seeded generator either way: iterating a loader without one draws from the global RNG.
+    """
+    generator = torch.Generator().manual_seed(seed)
     workers = 0 if spec.source == "digits" else min(8, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(
         image_dataset(spec), batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers

@@ -50,6 +50,7 @@ def test_apply_trains_finalizes_and_reports(lbc_export):
     manifest = compressx.read_manifest(out)
     assert manifest["model"] == {
         "class": "compressx.zoo.resnet_digits.ResNetDigits",
+        "dtype": "float32",
         "format": "zoo",
         "member": "resnet_digits",
     }

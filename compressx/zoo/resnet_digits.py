@@ -117,6 +117,7 @@ def save(model: nn.Module, directory: Path) -> None:
 def load(directory: str) -> ResNetDigits:
     from safetensors.torch import load_model
 
-    model = build_empty()
+    with torch.random.fork_rng():  # the init is overwritten: leave the caller's RNG alone
+        model = build_empty()
     load_model(model, str(Path(directory) / "model.safetensors"))
     return model.eval()

@@ -6,4 +6,5 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.wanda",
     "compressx.passes.sparsegpt",
     "compressx.passes.dsnot",
+    "compressx.passes.cutdiffusion",
 )

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier
+from compressx.zoo import llama_byte, llama_byte_outlier, sd_digits
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ZooMember:
     family: str
     description: str
     builder_version: int
-    build_empty: Callable[[], nn.Module]
+    build_empty: Callable[[], Any]  # an nn.Module on the meta device; a pipeline member returns its config dict
     train: Callable[..., tuple[nn.Module, dict[str, Any]]]
     load: Callable[[str], nn.Module]
     tokenizer: Callable[[], Any]
@@ -59,6 +59,17 @@ def _byte_lm(module: Any) -> ZooMember:
 
 
 MEMBERS: dict[str, ZooMember] = {m.NAME: _byte_lm(m) for m in (llama_byte, llama_byte_outlier)}
+MEMBERS[sd_digits.NAME] = ZooMember(
+    name=sd_digits.NAME,
+    family="diffusion",
+    description=sd_digits.__doc__.strip().splitlines()[0],
+    builder_version=sd_digits.BUILDER_VERSION,
+    build_empty=sd_digits.build_empty,
+    train=sd_digits.train,
+    load=sd_digits.load,
+    tokenizer=lambda: None,
+    cache_salt=sd_digits.cache_salt,
+)
 
 
 def get_member(name: str) -> ZooMember:
@@ -79,7 +90,7 @@ def cache_dir(member: ZooMember) -> Path:
     return cache_root() / "zoo" / member.name / f"v{member.builder_version}-{py}-{member.cache_salt()}"
 
 
-def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
+def load_zoo_model(name: str, progress: bool = True) -> tuple[Any, Any]:
     """The zoo member ``name`` (built and cached on first use) and its tokenizer."""
     member = get_member(name)
     target = cache_dir(member)
@@ -97,5 +108,5 @@ def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("built %s in %.0f s: val perplexity %.3f", name, info["build_seconds"], info["val_perplexity"])
+        log.info("built %s in %.0f s: %s", name, info["build_seconds"], info)
     return member.load(str(target)), member.tokenizer()

@@ -178,6 +178,9 @@ def test_unet_evaluations_follow_the_call_count_formula():
     rows.clear()
     cut(pipe, multidiffusion_config(), 32, 32)
     assert len(rows) == 9 * STEPS
+    rows.clear()  # odd T: the switch index is floor(5 * 0.5) = 2, where the official float test never fires
+    cutdiffusion_sample(pipe, CutdiffusionConfig(), None, 32, 32, 5, output_type="latent", **embeds(False))
+    assert len(rows) == 4 * 2 + 9 * 3
 
 
 @pytest.mark.parametrize("xl", [False, True])

@@ -21,6 +21,8 @@ Run: PYTHONPATH=. python tools/bench_cutdiffusion.py
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
 import time
@@ -154,10 +156,21 @@ def main() -> None:
     for size_name in ("2x area", "4x area"):
         name = size_name.replace(" ", "_")
         grid_png([results[(size_name, m)]["grid"] for m in methods], grid_dir / f"{name}.png")
-    write_report(results, args, Path(args.out), grid_dir)
+    build_info = json.loads((cache_dir(get_member("sd_digits")) / "build.json").read_text())
+    write_report(results, args, Path(args.out), grid_dir, build_info)
 
 
-def write_report(results, args, out: Path, grid_dir: Path) -> None:
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_report(results, args, out: Path, grid_dir: Path, build_info: dict) -> None:
     native = results[("native", "plain")]
     rel = grid_dir.relative_to(out.parent)
     lines = [
@@ -167,8 +180,10 @@ def write_report(results, args, out: Path, grid_dir: Path) -> None:
         f"--steps {args.steps} --repeats {args.repeats} --per-digit {args.per_digit} --guidance {args.guidance} "
         f"--threads {args.threads}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, shared with other jobs "
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__} "
         "(wall times are medians of interleaved repeats; the evaluation counts do not depend on load).",
+        "",
+        f"Zoo build (`build.json`): {json.dumps(build_info)}.",
         "",
         "Model: `sd_digits` (native 16x16 px, latent 8x8; [docs/zoo.md](../zoo.md)), Euler, "
         f"{args.steps} steps, CFG {args.guidance}. CutDiffusion at its defaults (proportion 0.5, shuffle, "

@@ -134,7 +134,9 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
     model = load(args.dir)
     manifest = read_manifest(args.dir)
-    params = sum(p.numel() for p in model.parameters())
+    # A diffusers pipeline is not a module: count the parameters of its module components.
+    modules = [model] if hasattr(model, "parameters") else list(getattr(model, "components", {}).values())
+    params = sum(p.numel() for m in modules if hasattr(m, "parameters") for p in m.parameters())
     print(f"loaded {type(model).__name__} ({params:,} parameters) from {args.dir}; all file hashes match")
     if not args.eval:
         return 0

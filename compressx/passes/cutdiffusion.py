@@ -205,6 +205,12 @@ def check_scheduler(scheduler: Any) -> None:
             f"history and adds no fresh noise; supported: {', '.join(SUPPORTED_SCHEDULERS)} (e.g. "
             "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config))"
         )
+    if getattr(scheduler.config, "thresholding", False):
+        # Dynamic thresholding clips each sample at its own quantile: a window's quantile is not the canvas's.
+        raise CompressxError(
+            f"cutdiffusion cannot sample with {name}(thresholding=True): dynamic thresholding is not element-wise; "
+            "turn it off (from_config(..., thresholding=False))"
+        )
 
 
 def _check_pipeline(pipe: Any) -> str:

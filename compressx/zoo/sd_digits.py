@@ -305,3 +305,20 @@ def digit_scores(classifier: DigitClassifier, images: torch.Tensor, labels: torc
         "accuracy": float((probs.argmax(1) == labels).float().mean()),
         "confidence": float(probs.gather(1, labels.view(-1, 1)).mean()),
     }
+
+
+@torch.no_grad()
+def digit_features(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's pooled last conv features (32 per image) of images ``[B, 1, H, W]`` in [0, 1], resized."""
+    x = F.interpolate(images * 2 - 1, size=(NATIVE_PX, NATIVE_PX), mode="area")
+    return classifier.features(x).mean(dim=(2, 3)).double()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``[n, d]`` (the FID formula)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    cov_a, cov_b = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + (cov_a + cov_b - 2 * root).trace())

@@ -12,6 +12,7 @@ from diffusers import (
 )
 
 import compressx
+import compressx.cli
 from compressx.errors import CompressxError, ConfigError
 from compressx.passes.cutdiffusion import (
     CutdiffusionConfig,
@@ -228,6 +229,13 @@ def test_unsupported_schedulers_are_refused(cls):
         cut(pipe, CutdiffusionConfig(), 32, 32)
 
 
+def test_ddim_with_dynamic_thresholding_is_refused():
+    pipe = make_tiny_sd_pipeline(scheduler="ddim")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, thresholding=True)
+    with pytest.raises(CompressxError, match="thresholding=True"):
+        compressx.apply(pipe, [{"pass": "cutdiffusion"}])
+
+
 def test_bad_configs_and_models_are_refused(tiny_cnn):
     with pytest.raises(ConfigError, match="stride"):
         CutdiffusionConfig(stride=9, window_size=8)
@@ -243,7 +251,7 @@ def test_bad_configs_and_models_are_refused(tiny_cnn):
         pipe(height=32, width=32, eta=0.5, **embeds(False))
 
 
-def test_export_records_the_pass_and_load_reapplies_it(tmp_path):
+def test_export_records_the_pass_and_load_reapplies_it(tmp_path, capsys):
     pipe = make_tiny_sd_pipeline()
     result = compressx.apply(pipe, [{"pass": "cutdiffusion", "config": {"stride": 4, "shuffle": False}}])
     before = pipe(
@@ -271,6 +279,9 @@ def test_export_records_the_pass_and_load_reapplies_it(tmp_path):
         **embeds(False),
     ).images
     torch.testing.assert_close(after, before)
+    assert compressx.cli.main(["load", str(out)]) == 0 and compressx.cli.main(["show", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded StableDiffusionPipeline (" in printed and "cutdiffusion" in printed
     (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"corrupt")
     with pytest.raises(compressx.errors.ExportError, match="unet/diffusion_pytorch_model.safetensors' is corrupt"):
         compressx.load(out)

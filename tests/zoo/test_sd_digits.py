@@ -58,3 +58,9 @@ def test_recipe_builds_exports_and_reloads_the_pipeline_with_the_pass(tmp_path, 
     pipe.set_progress_bar_config(disable=True)
     image = pipe("digit 3", height=32, width=48, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert image.images[0].size == (48, 32) and image.images[0].mode == "L"
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_the_squared_shift_for_shifted_ones():
+    a = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)).double()
+    assert abs(sd_digits.frechet_distance(a, a)) < 1e-6
+    assert sd_digits.frechet_distance(a, a + torch.tensor([3.0, 0, 0, 0]).double()) == pytest.approx(9.0, abs=1e-6)

@@ -219,7 +219,10 @@ def write_report(results, args, out: Path, grid_dir: Path, build_info: dict, rea
         f"features (32-d) of these images and of the 1797 real digits (lower is closer; two halves of the real "
         f"digits: {real_floor:.3g}; with {10 * args.per_digit} samples the estimate is biased upwards, compare rows).",
         "",
-        f"Sample grids (rows: direct, MultiDiffusion, CutDiffusion; columns: digits 0-9; seed 1): "
+        "UNet evaluations are in native-size units: a call on V native-size views counts V (CFG doubles the batch, "
+        "not the count); direct generation counts the canvas area in native areas per call (2 at 2x, 4 at 4x).",
+        f"Sample grids (native: the plain pipeline; larger: rows direct, MultiDiffusion, CutDiffusion; columns: "
+        f"digits 0-9; seed 1): "
         f"[native]({rel}/native.png), [2x area]({rel}/2x_area.png), [4x area]({rel}/4x_area.png).",
         "",
     ]

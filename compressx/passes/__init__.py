@@ -7,4 +7,5 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.sparsegpt",
     "compressx.passes.dsnot",
     "compressx.passes.cutdiffusion",
+    "compressx.passes.multidiffusion",
 )

@@ -127,6 +127,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_load(args: argparse.Namespace) -> int:
     """Load an export (hashes verified, runtime passes re-applied); with --eval, re-run its recorded metrics."""
+    import torch
     import yaml
 
     from compressx.evaluate import evaluate, parse_eval_spec
@@ -135,8 +136,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
     model = load(args.dir)
     manifest = read_manifest(args.dir)
     # A diffusers pipeline is not a module: count the parameters of its module components.
-    modules = [model] if hasattr(model, "parameters") else list(getattr(model, "components", {}).values())
-    params = sum(p.numel() for m in modules if hasattr(m, "parameters") for p in m.parameters())
+    modules = [model] if isinstance(model, torch.nn.Module) else list(getattr(model, "components", {}).values())
+    params = sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
     print(f"loaded {type(model).__name__} ({params:,} parameters) from {args.dir}; all file hashes match")
     if not args.eval:
         return 0

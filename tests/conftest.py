@@ -131,3 +131,13 @@ def make_tiny_sd_pipeline(xl: bool = False, seed: int = 0, scheduler: str = "eul
         pipe = StableDiffusionPipeline(vae, None, None, unet, sched, None, None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread: tiny diffusion tensors gain nothing from more, and on a loaded
+    2-core machine thread synchronisation made such tests 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

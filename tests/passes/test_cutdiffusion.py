@@ -30,6 +30,8 @@ from tests.conftest import make_tiny_sd_pipeline
 
 STEPS = 6
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def embeds(xl: bool, batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

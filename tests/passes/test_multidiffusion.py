@@ -12,6 +12,8 @@ from compressx.passes.multidiffusion import MultidiffusionConfig
 from tests.conftest import make_tiny_sd_pipeline
 from tests.passes.test_cutdiffusion import embeds, plain, pointwise_unet
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def sample(pipe, height, width, **kw):
     gen = torch.Generator().manual_seed(0)

@@ -19,6 +19,8 @@ from compressx.zoo import sd_digits
 RECIPE = Path(__file__).resolve().parents[2] / "recipes/diffusion/cutdiffusion_zoo.yaml"
 quick_train = functools.partial(sd_digits.train, vae_steps=2, unet_steps=2, classifier_steps=2)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_build_is_deterministic_and_leaves_the_callers_rng_alone():
     torch.manual_seed(123)

@@ -213,7 +213,8 @@ def check_scheduler(scheduler: Any) -> None:
         )
 
 
-def _check_pipeline(pipe: Any) -> str:
+def check_pipeline(pipe: Any) -> str:
+    """The supported pipeline class ``pipe`` is (or was, before a pass patched it); an error otherwise."""
     base = getattr(type(pipe), "_compressx_base", type(pipe))
     names = [cls.__name__ for cls in base.__mro__]
     for name in SUPPORTED_PIPELINES:
@@ -323,7 +324,7 @@ def cutdiffusion_sample(
     """
     if progress is None:
         progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    xl = _check_pipeline(pipe) == "StableDiffusionXLPipeline"
+    xl = check_pipeline(pipe) == "StableDiffusionXLPipeline"
     check_scheduler(pipe.scheduler)
     factor = pipe.vae_scale_factor
     native = pipe.unet.config.sample_size
@@ -505,7 +506,7 @@ def _patched_class(base: type, config: CutdiffusionConfig) -> type:
 )
 def apply_cutdiffusion(model: Any, config: CutdiffusionConfig, ctx: PassContext) -> PassResult:
     """Make ``pipe(prompt, height=..., width=...)`` sample with CutDiffusion at multiples of the native size."""
-    kind = _check_pipeline(model)
+    kind = check_pipeline(model)
     check_scheduler(model.scheduler)
     native = model.unet.config.sample_size
     native = native if isinstance(native, int) else native[0]

@@ -22,7 +22,7 @@ from typing import Any
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.passes.cutdiffusion import CutdiffusionConfig, _check_pipeline, apply_cutdiffusion
+from compressx.passes.cutdiffusion import CutdiffusionConfig, apply_cutdiffusion, check_pipeline
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -73,7 +73,7 @@ class MultidiffusionConfig(PassConfig):
 )
 def apply_multidiffusion(model: Any, config: MultidiffusionConfig, ctx: PassContext) -> PassResult:
     """Make ``pipe(prompt, height=..., width=...)`` sample with MultiDiffusion windows at every step."""
-    _check_pipeline(model)
+    check_pipeline(model)
     native = model.unet.config.sample_size
     native = native if isinstance(native, int) else native[0]
     result = apply_cutdiffusion(model, config.sampler_config(native), ctx)

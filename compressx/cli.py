@@ -131,6 +131,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_load(args: argparse.Namespace) -> int:
     """Load an export (hashes verified, runtime passes re-applied); with --eval, re-run its recorded metrics."""
+    import torch
     import yaml
 
     from compressx.evaluate import evaluate, parse_eval_spec
@@ -138,7 +139,9 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
     model = load(args.dir)
     manifest = read_manifest(args.dir)
-    params = sum(p.numel() for p in model.parameters())
+    # A diffusers pipeline is not a module: count the parameters of its module components.
+    modules = [model] if isinstance(model, torch.nn.Module) else list(getattr(model, "components", {}).values())
+    params = sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
     print(f"loaded {type(model).__name__} ({params:,} parameters) from {args.dir}; all file hashes match")
     if not args.eval:
         return 0

@@ -4,7 +4,7 @@ An export directory holds:
 
 * the weights in safetensors — ``save_pretrained`` layout for transformers models (``config.json``,
   ``model.safetensors``), and ``model.safetensors`` + ``config.json`` (how to rebuild the module) for timm and
-  plain torch modules;
+  plain torch modules; a diffusers pipeline's ``save_pretrained`` layout (one folder per component) for pipelines;
 * ``recipe.yaml`` — the resolved recipe, when the export came from one;
 * ``compressx.json`` — the manifest: format version; compressx / torch / transformers versions; every step's pass,
   config (with its version) and report; the eval results before and after; the runtime/pipeline passes to
@@ -78,6 +78,11 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
     if isinstance(model, PreTrainedModel):
         model.save_pretrained(directory, safe_serialization=True)
         return {"format": "transformers", "class": type(model).__name__}
+    if _is_diffusers_pipeline(model):
+        # Pipeline passes leave the weights alone; load() re-applies them to the pipeline saved here.
+        base = getattr(type(model), "_compressx_base", type(model))
+        model.save_pretrained(directory, safe_serialization=True)
+        return {"format": "diffusers", "class": base.__name__, "dtype": str(model.dtype).removeprefix("torch.")}
     if not isinstance(model, nn.Module):
         raise ExportError(f"cannot export a {type(model).__name__}: expected a torch module or transformers model")
     from safetensors.torch import save_model
@@ -95,6 +100,14 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
         entry.update(format="torch")
     (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
     return entry
+
+
+def _is_diffusers_pipeline(model: Any) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        return False
+    return isinstance(model, DiffusionPipeline)
 
 
 def sparsity_entry(weight: torch.Tensor) -> dict[str, Any]:
@@ -258,7 +271,8 @@ def save(
     try:
         source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
         model_entry = _write_weights(model, tmp, source)
-        weight_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        # Relative paths: a diffusers pipeline saves one sub-directory per component.
+        weight_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         sparsity: dict[str, dict[str, Any]] = {}
         to_pack: dict[str, torch.Tensor] = {}
         for name, tensor in _sparse_weights(tmp, weight_files):
@@ -334,8 +348,8 @@ def _set_permissions(directory: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -367,7 +381,7 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any] | None = None)
             )
 
 
-def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | None) -> nn.Module:
+def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | None) -> Any:
     from safetensors.torch import load_model
 
     fmt = entry.get("format")
@@ -378,6 +392,14 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
         if cls is None:
             raise ExportError(f"this transformers has no class {entry['class']!r} to rebuild the model with")
         return cls.from_pretrained(directory).eval()
+    if fmt == "diffusers":
+        import diffusers
+
+        # Components saved as absent (e.g. no safety checker) are passed as None, or from_pretrained refuses.
+        index = json.loads((directory / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+        dtype = getattr(torch, entry.get("dtype", "float32"))
+        return diffusers.DiffusionPipeline.from_pretrained(directory, dtype=dtype, **absent)
     if fmt == "timm":
         import timm
 
@@ -398,7 +420,8 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
                 "to load the weights into"
             )
     else:
-        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: transformers, timm, zoo, torch")
+        known = "transformers, diffusers, timm, zoo, torch"
+        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: {known}")
     if fmt != "torch" and isinstance(getattr(torch, str(entry.get("dtype")), None), torch.dtype):
         model = model.to(getattr(torch, entry["dtype"]))
     load_model(model, str(directory / "model.safetensors"))

@@ -119,6 +119,11 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
             from compressx import zoo
 
             member = zoo.get_member(spec.id)
+            if member.family == "diffusion":  # a pipeline: validation sees its config, as for source diffusers
+                if meta:
+                    return LoadedModel(member.build_empty(), spec, None, member.family)
+                pipe, _ = zoo.load_zoo_model(spec.id, progress=progress)
+                return LoadedModel(pipe.to(dtype=dtype), spec, None, member.family)
             if meta:
                 with torch.device("meta"):
                     model = member.build_empty()

@@ -131,3 +131,61 @@ def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, lay
 @pytest.fixture
 def tiny_llava() -> nn.Module:
     return make_tiny_llava()
+
+
+def make_tiny_sd_pipeline(xl: bool = False, seed: int = 0, scheduler: str = "euler"):
+    """A StableDiffusion(XL)Pipeline from tiny configs: native 16 px (latent 8, VAE factor 2), no text encoder
+    (pass prompt embeddings of width 16; SDXL also pooled embeddings of width 16)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        **(
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 4,
+                "projection_class_embeddings_input_dim": 40,
+            }
+            if xl
+            else {}
+        ),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    sched = (
+        EulerDiscreteScheduler(**betas, steps_offset=1)
+        if scheduler == "euler"
+        else DDIMScheduler(**betas, clip_sample=False, steps_offset=1)
+    )
+    if xl:
+        pipe = StableDiffusionXLPipeline(vae, None, None, None, None, unet, sched)
+    else:
+        pipe = StableDiffusionPipeline(vae, None, None, unet, sched, None, None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -93,6 +93,7 @@ def test_apply_refuses_existing_export_before_building(quickstart_export, zoo_ca
 def test_cli_list_and_errors(tmp_path):
     run = cli("list", cache=str(tmp_path))
     assert run.returncode == 0
-    assert re.search(r"^magnitude +weights +", run.stdout, re.M)
+    assert re.search(r"^magnitude +weights ", run.stdout, re.MULTILINE)  # column widths follow the longest name
+    assert re.search(r"^cutdiffusion +pipeline +diffusion ", run.stdout, re.MULTILINE)
     run = cli("show", str(tmp_path), cache=str(tmp_path))
     assert run.returncode == 2 and "not a compressx export" in run.stderr and "Traceback" not in run.stderr

@@ -21,4 +21,4 @@ def test_shipped_recipe_validates(path, tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted(set(RECIPES) - set(OFFLINE)), ids=lambda p: p.name)
 def test_hub_recipe_parses(path, tmp_path):
     recipe = load_recipe(path, [f"export.dir={tmp_path / 'out'}"])
-    assert recipe.model.source == "hf" and recipe.steps
+    assert recipe.model.source in ("hf", "diffusers") and recipe.steps

@@ -12,4 +12,6 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.magnitude_finetune",
     "compressx.passes.vtw",
     "compressx.passes.fastv",
+    "compressx.passes.cutdiffusion",
+    "compressx.passes.multidiffusion",
 )

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits
+from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ZooMember:
     family: str
     description: str
     builder_version: int
-    build_empty: Callable[[], nn.Module]
+    build_empty: Callable[[], Any]  # an nn.Module on the meta device; a pipeline member returns its config dict
     train: Callable[..., tuple[nn.Module, dict[str, Any]]]
     load: Callable[[str], nn.Module]
     tokenizer: Callable[[], Any]
@@ -84,6 +84,17 @@ MEMBERS: dict[str, ZooMember] = {
         tokenizer=llava_digits.WordTokenizer,
         cache_salt=llava_digits.cache_salt,
     ),
+    sd_digits.NAME: ZooMember(
+        name=sd_digits.NAME,
+        family="diffusion",
+        description=sd_digits.__doc__.strip().splitlines()[0],
+        builder_version=sd_digits.BUILDER_VERSION,
+        build_empty=sd_digits.build_empty,
+        train=sd_digits.train,
+        load=sd_digits.load,
+        tokenizer=lambda: None,
+        cache_salt=sd_digits.cache_salt,
+    ),
 }
 
 
@@ -105,7 +116,7 @@ def cache_dir(member: ZooMember) -> Path:
     return cache_root() / "zoo" / member.name / f"v{member.builder_version}-{py}-{member.cache_salt()}"
 
 
-def load_zoo_model(name: str, progress: bool = True) -> tuple[nn.Module, Any]:
+def load_zoo_model(name: str, progress: bool = True) -> tuple[Any, Any]:
     """The zoo member ``name`` (built and cached on first use) and its tokenizer."""
     member = get_member(name)
     target = cache_dir(member)

@@ -189,3 +189,37 @@ def make_tiny_sd_pipeline(xl: bool = False, seed: int = 0, scheduler: str = "eul
         pipe = StableDiffusionPipeline(vae, None, None, unet, sched, None, None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def embeds(xl: bool, batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random prompt embeddings (and pooled ones for SDXL) for ``make_tiny_sd_pipeline``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "prompt_embeds": torch.randn(batch, 5, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(batch, 5, 16, generator=g),
+    }
+    if xl:
+        out["pooled_prompt_embeds"] = torch.randn(batch, 16, generator=g)
+        out["negative_pooled_prompt_embeds"] = torch.randn(batch, 16, generator=g)
+    return out
+
+
+def plain(pipe, height, width, xl=False, seed=0, steps=6, **kw):
+    """The unpatched pipeline's latents at (height, width), from prompt embeddings (``embeds``)."""
+    base = type(pipe)._compressx_base if hasattr(type(pipe), "_compressx_base") else type(pipe)
+    gen = torch.Generator().manual_seed(seed)
+    args = dict(height=height, width=width, num_inference_steps=steps, generator=gen, output_type="latent")
+    return base.__call__(pipe, **embeds(xl), **args, **kw).images
+
+
+def pointwise_unet(pipe):
+    """Replace the UNet's forward by an element-wise function of (x, t, prompt): no spatial mixing."""
+
+    def forward(sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True, **kw):
+        alpha = 0.3 + 0.2 * torch.cos(timestep.float() / 300)
+        beta = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        if added_cond_kwargs is not None:
+            beta = beta + added_cond_kwargs["text_embeds"].mean(dim=1).view(-1, 1, 1, 1)
+        return (alpha * sample + beta + 0.1 * sample**2,)
+
+    pipe.unet.forward = forward

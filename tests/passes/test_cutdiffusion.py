@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import embeds, make_tiny_sd_pipeline, plain, pointwise_unet
 from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -26,30 +27,10 @@ from compressx.passes.cutdiffusion import (
     unshuffle_patches,
     window_starts,
 )
-from tests.conftest import make_tiny_sd_pipeline
 
 STEPS = 6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def embeds(xl: bool, batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {
-        "prompt_embeds": torch.randn(batch, 5, 16, generator=g),
-        "negative_prompt_embeds": torch.randn(batch, 5, 16, generator=g),
-    }
-    if xl:
-        out["pooled_prompt_embeds"] = torch.randn(batch, 16, generator=g)
-        out["negative_pooled_prompt_embeds"] = torch.randn(batch, 16, generator=g)
-    return out
-
-
-def plain(pipe, height, width, xl=False, seed=0, **kw):
-    base = type(pipe)._compressx_base if hasattr(type(pipe), "_compressx_base") else type(pipe)
-    gen = torch.Generator().manual_seed(seed)
-    args = dict(height=height, width=width, num_inference_steps=STEPS, generator=gen, output_type="latent")
-    return base.__call__(pipe, **embeds(xl), **args, **kw).images
 
 
 def cut(pipe, config, height, width, xl=False, seed=0, **kw):
@@ -105,19 +86,6 @@ def test_jittered_windows_cover_every_pixel(seed):
 
 
 # ---- sampling --------------------------------------------------------------------------------------------------
-
-
-def pointwise_unet(pipe):
-    """Replace the UNet's forward by an element-wise function of (x, t, prompt): no spatial mixing."""
-
-    def forward(sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True, **kw):
-        alpha = 0.3 + 0.2 * torch.cos(timestep.float() / 300)
-        beta = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
-        if added_cond_kwargs is not None:
-            beta = beta + added_cond_kwargs["text_embeds"].mean(dim=1).view(-1, 1, 1, 1)
-        return (alpha * sample + beta + 0.1 * sample**2,)
-
-    pipe.unet.forward = forward
 
 
 @pytest.mark.parametrize("xl", [False, True])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import embeds, make_tiny_sd_pipeline, plain, pointwise_unet
 
 import compressx
 from compressx.errors import CompressxError, ConfigError
 from compressx.passes.cutdiffusion import CutdiffusionConfig, cutdiffusion_sample
 from compressx.passes.multidiffusion import MultidiffusionConfig
-from tests.conftest import make_tiny_sd_pipeline
-from tests.passes.test_cutdiffusion import embeds, plain, pointwise_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -44,57 +44,32 @@ class ZooMember:
     save: Callable[[nn.Module, Path], None] = lambda model, directory: model.save_pretrained(directory)
 
 
-def _byte_lm(module: Any) -> ZooMember:
-    """A zoo member from a byte-level LM builder module (NAME, BUILDER_VERSION, build_empty, train, load, ...)."""
+def _member(module: Any, family: str, tokenizer: Callable[[], Any] = lambda: None) -> ZooMember:
+    """A zoo member from its builder module: NAME, BUILDER_VERSION, build_empty, train, load, cache_salt, and
+    ``save`` when its model has no ``save_pretrained``."""
     return ZooMember(
         name=module.NAME,
-        family="llm",
+        family=family,
         description=module.__doc__.strip().splitlines()[0],
         builder_version=module.BUILDER_VERSION,
         build_empty=module.build_empty,
         train=module.train,
         load=module.load,
-        tokenizer=ByteTokenizer,
+        tokenizer=tokenizer,
         cache_salt=module.cache_salt,
+        **({"save": module.save} if hasattr(module, "save") else {}),
     )
 
 
 MEMBERS: dict[str, ZooMember] = {
-    **{m.NAME: _byte_lm(m) for m in (llama_byte, llama_byte_outlier)},
-    resnet_digits.NAME: ZooMember(
-        name=resnet_digits.NAME,
-        family="cnn",
-        description=resnet_digits.__doc__.strip().splitlines()[0],
-        builder_version=resnet_digits.BUILDER_VERSION,
-        build_empty=resnet_digits.build_empty,
-        train=resnet_digits.train,
-        load=resnet_digits.load,
-        tokenizer=lambda: None,
-        cache_salt=resnet_digits.cache_salt,
-        save=resnet_digits.save,
-    ),
-    llava_digits.NAME: ZooMember(
-        name=llava_digits.NAME,
-        family="mllm",
-        description=llava_digits.__doc__.strip().splitlines()[0],
-        builder_version=llava_digits.BUILDER_VERSION,
-        build_empty=llava_digits.build_empty,
-        train=llava_digits.train,
-        load=llava_digits.load,
-        tokenizer=llava_digits.WordTokenizer,
-        cache_salt=llava_digits.cache_salt,
-    ),
-    sd_digits.NAME: ZooMember(
-        name=sd_digits.NAME,
-        family="diffusion",
-        description=sd_digits.__doc__.strip().splitlines()[0],
-        builder_version=sd_digits.BUILDER_VERSION,
-        build_empty=sd_digits.build_empty,
-        train=sd_digits.train,
-        load=sd_digits.load,
-        tokenizer=lambda: None,
-        cache_salt=sd_digits.cache_salt,
-    ),
+    member.name: member
+    for member in (
+        _member(llama_byte, "llm", ByteTokenizer),
+        _member(llama_byte_outlier, "llm", ByteTokenizer),
+        _member(resnet_digits, "cnn"),
+        _member(llava_digits, "mllm", llava_digits.WordTokenizer),
+        _member(sd_digits, "diffusion"),
+    )
 }
 
 

@@ -182,8 +182,11 @@ TEXT_SOURCES: dict[str, tuple[set[str], set[str], Callable[[DataSpec], str]]] = 
     "hf_dataset": ({"path", "split", "text_field", "data_files"}, {"path"}, _hf_dataset_text),
 }
 _COMMON_KEYS = {"source", "samples", "seq_len", "seed"}
-# multimodal source name -> keys allowed besides source/samples/seq_len/seed (seq_len is unused by them)
-MULTIMODAL_SOURCES: dict[str, set[str]] = {"digits_vqa": {"split"}, "image_prompts": {"path"}}
+# multimodal source name -> (keys allowed besides source/samples/seq_len/seed, required keys); seq_len is unused
+MULTIMODAL_SOURCES: dict[str, tuple[set[str], set[str]]] = {
+    "digits_vqa": ({"split"}, set()),
+    "image_prompts": ({"path"}, {"path"}),
+}
 
 
 def parse_data_spec(block: Any) -> DataSpec:
@@ -194,12 +197,10 @@ def parse_data_spec(block: Any) -> DataSpec:
     if source not in TEXT_SOURCES and source not in MULTIMODAL_SOURCES:
         allowed = [*TEXT_SOURCES, *MULTIMODAL_SOURCES]
         raise ConfigError(unknown_name_message("data source", str(source), allowed), path="source")
-    extra, required = (TEXT_SOURCES[source][:2]) if source in TEXT_SOURCES else (MULTIMODAL_SOURCES[source], set())
+    extra, required = TEXT_SOURCES[source][:2] if source in TEXT_SOURCES else MULTIMODAL_SOURCES[source]
     for key in block:
         if key not in _COMMON_KEYS | extra:
             raise ConfigError(unknown_key_message(str(key), _COMMON_KEYS | extra), path=str(key))
-    if source == "image_prompts":
-        required = {"path"}
     for key in required - set(block):
         raise ConfigError(f"data source '{source}' needs '{key}'", path=key)
     for key in ("samples", "seq_len"):

@@ -42,7 +42,7 @@ class ModelSpec:
         out: dict[str, Any] = {"source": self.source, "id": self.id, "dtype": self.dtype}
         if self.cls:
             out["class"] = self.cls
-        if self.source in ("timm", "zoo") and not (self.source == "zoo" and self.pretrained):
+        if self.source == "timm" or (self.source == "zoo" and not self.pretrained):
             out["pretrained"] = self.pretrained
         if self.kwargs:
             out["kwargs"] = dict(self.kwargs)
@@ -120,6 +120,8 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
 
             member = zoo.get_member(spec.id)
             if member.family == "diffusion":  # a pipeline: validation sees its config, as for source diffusers
+                if not spec.pretrained:
+                    raise ConfigError(f"zoo pipeline {spec.id} has no untrained form", path="pretrained")
                 if meta:
                     return LoadedModel(member.build_empty(), spec, None, member.family)
                 pipe, _ = zoo.load_zoo_model(spec.id, progress=progress)

@@ -150,6 +150,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def parametrize_weights(layers: dict[str, nn.Module], make: Callable[[nn.Module], nn.Module]) -> None:
+    """Give the ``weight`` of every layer the parametrization ``make(layer)`` (undone by ``unparametrize``)."""
+    for module in layers.values():
+        parametrize.register_parametrization(module, "weight", make(module))
+
+
 def unparametrize(layers: dict[str, nn.Module], keep_projection: bool) -> None:
     """Remove the weight parametrization of ``layers``: keep its masked projection, or the dense latent weight."""
     for module in layers.values():

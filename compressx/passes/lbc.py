@@ -39,7 +39,6 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from compressx.errors import ConfigError
 from compressx.ops.ste import candidate_union, from_blocks, lbc_masked
@@ -50,6 +49,7 @@ from compressx.training import (
     TrainingHandle,
     check_nm_layers,
     nm_final_report,
+    parametrize_weights,
     select_nm_layers,
     unparametrize,
 )
@@ -142,11 +142,6 @@ class LBCMask(nn.Module):
             self._keep_key = key
         return self._keep
 
-    def final_mask(self, like: torch.Tensor) -> torch.Tensor:
-        """The boolean keep-mask (weight-shaped) of the single best alive candidate of every block."""
-        single = remove_lowest(self.scores, self.alive, 1)
-        return from_blocks(single.to(self.candidates.dtype) @ self.candidates > 0, like)
-
 
 def _masks(layers: dict[str, nn.Module]) -> dict[str, LBCMask]:
     return {name: module.parametrizations.weight[0] for name, module in layers.items()}
@@ -165,8 +160,7 @@ def apply_lbc(model: nn.Module, config: LbcConfig, ctx: PassContext) -> PassResu
     """Add candidate scores to every selected layer; return the handle that runs the removal schedule."""
     n, m = config.nm
     layers, skipped = select_nm_layers(model, ctx.targets, config)
-    for module in layers.values():
-        parametrize.register_parametrization(module, "weight", LBCMask(module.weight.detach(), n, m))
+    parametrize_weights(layers, lambda module: LBCMask(module.weight.detach(), n, m))
     count = math.comb(m, n)
 
     def on_epoch(epoch: int) -> dict | None:
@@ -182,16 +176,10 @@ def apply_lbc(model: nn.Module, config: LbcConfig, ctx: PassContext) -> PassResu
 
     def finalize() -> dict:
         unfinished = 0
-        for name, mask in _masks(layers).items():
-            module = layers[name]
+        for mask in _masks(layers).values():
             unfinished += int((mask.alive.sum(dim=1) > 1).sum())
-            keep = mask.final_mask(module.parametrizations.weight.original)
-            with torch.no_grad():
-                original = module.parametrizations.weight.original
-                dense = torch.where(keep, original, torch.zeros((), dtype=original.dtype, device=original.device))
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            with torch.no_grad():
-                module.weight.copy_(dense)
+            mask.alive.copy_(remove_lowest(mask.scores, mask.alive, 1))  # the best candidate, if more are alive
+        unparametrize(layers, keep_projection=True)  # writes w ⊙ mask into the plain weight
         if unfinished:
             log.warning("lbc: finalized before end_epoch; %d block(s) kept their best-scored candidate", unfinished)
         return {**nm_final_report(layers, config.pattern), "unfinished_blocks": unfinished}

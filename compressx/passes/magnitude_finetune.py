@@ -19,7 +19,6 @@ import functools
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from compressx.errors import ConfigError
 from compressx.ops.sparsity import nm_mask
@@ -30,6 +29,7 @@ from compressx.training import (
     TrainingHandle,
     check_nm_layers,
     nm_final_report,
+    parametrize_weights,
     select_nm_layers,
     unparametrize,
 )
@@ -82,8 +82,7 @@ def apply_magnitude_finetune(model: nn.Module, config: MagnitudeFinetuneConfig, 
     """Attach a mask to every selected layer; the handle prunes it by magnitude at ``prune_epoch``."""
     n, m = config.nm
     layers, skipped = select_nm_layers(model, ctx.targets, config)
-    for module in layers.values():
-        parametrize.register_parametrization(module, "weight", FixedMask(module.weight.detach()))
+    parametrize_weights(layers, lambda module: FixedMask(module.weight.detach()))
 
     def prune_all() -> bool:
         changed = False

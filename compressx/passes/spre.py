@@ -43,7 +43,7 @@ import torch.nn as nn
 from compressx.errors import ConfigError
 from compressx.ops.sparsity import nm_mask, topk_mask
 from compressx.ops.ste import sr_ste
-from compressx.passes.sr_ste import parametrize_sr_ste
+from compressx.passes.sr_ste import SRSTEMask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
@@ -51,6 +51,7 @@ from compressx.training import (
     TrainingHandle,
     check_nm_layers,
     nm_final_report,
+    parametrize_weights,
     select_nm_layers,
     set_submodule,
     unparametrize,
@@ -263,7 +264,7 @@ def apply_spre(model: nn.Module, config: SpreConfig, ctx: PassContext) -> PassRe
         set_submodule(model, bn_name, nn.Identity())
         blocks[conv_name] = block
     others = {name: layers[name] for name in single}
-    parametrize_sr_ste(others, n, m, config.decay)
+    parametrize_weights(others, lambda _: SRSTEMask(n, m, config.decay))  # SR-STE only
 
     def restore(fold: bool) -> None:
         for conv_name, block in blocks.items():

@@ -20,7 +20,6 @@ import functools
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from compressx.errors import ConfigError
 from compressx.ops.ste import sr_ste
@@ -31,6 +30,7 @@ from compressx.training import (
     TrainingHandle,
     check_nm_layers,
     nm_final_report,
+    parametrize_weights,
     select_nm_layers,
     unparametrize,
 )
@@ -65,12 +65,6 @@ class SRSTEMask(nn.Module):
         return sr_ste(weight, self.n, self.m, self.decay)
 
 
-def parametrize_sr_ste(layers: dict[str, nn.Module], n: int, m: int, decay: float) -> None:
-    """Give every layer of ``layers`` the SR-STE parametrization (also SpRe's rule for its non-paired layers)."""
-    for module in layers.values():
-        parametrize.register_parametrization(module, "weight", SRSTEMask(n, m, decay))
-
-
 @register_pass(
     "sr_ste",
     config=SrSteConfig,
@@ -84,7 +78,7 @@ def apply_sr_ste(model: nn.Module, config: SrSteConfig, ctx: PassContext) -> Pas
     """Make every selected layer use the N:M projection of its weight, with SR-STE gradients."""
     n, m = config.nm
     layers, skipped = select_nm_layers(model, ctx.targets, config)
-    parametrize_sr_ste(layers, n, m, config.decay)
+    parametrize_weights(layers, lambda _: SRSTEMask(n, m, config.decay))
 
     def finalize() -> dict:
         unparametrize(layers, keep_projection=True)

@@ -1,10 +1,12 @@
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +59,38 @@ def test_nm_training_benchmark_runs_small_and_resumes(tmp_path):
     assert "(does not hold)" in text  # one seed cannot show 4 of 5
     second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "top1" not in second.stdout  # every run was already recorded
+
+
+def test_vtw_proxy_recipes_text_prompts_write_each_image_as_its_digit():
+    spec = importlib.util.spec_from_file_location("vtw_proxy_recipes", ROOT / "tools" / "vtw_proxy_recipes.py")
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from compressx.zoo.llava_digits import WordTokenizer
+
+    labels = torch.tensor([3, 5, 8])
+    rows = module.text_prompts("larger", labels, torch.tensor([[0, 1], [2, 1]]))
+    assert [WordTokenizer().decode(r.tolist()) for r in rows] == [
+        "<bos> user : 3 and 5 is the first larger ? assistant : no",
+        "<bos> user : 8 and 5 is the first larger ? assistant : yes",
+    ]
+    rows = module.text_prompts("even", labels, torch.tensor([2]))
+    assert WordTokenizer().decode(rows[0].tolist()) == "<bos> user : 8 is it even ? assistant : yes"
+
+
+@pytest.mark.slow
+def test_vtw_proxy_recipes_runs_small(tmp_path):
+    args = [sys.executable, str(ROOT / "tools" / "vtw_proxy_recipes.py"), "--layers", "2", "--seeds", "0"]
+    args += ["--text-steps", "2", "--align-steps", "2", "--tune-steps", "2", "--vision-steps", "2"]
+    args += ["--questions", "8", "--calibration", "2", "--json", str(tmp_path / "r.json")]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "| scratch | 2 | 0 |" in run.stdout and "| llava | 2 | 0 |" in run.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["recipe"] for r in results] == ["scratch", "llava"]
+    for r in results:
+        assert set(r["accuracy_per_layer"]) == {"0", "1", "2"} and set(r["kl_per_layer"]) == {"1"}
+        assert r["chosen"]["0.003"]["k"] in (1, 2) and 0 < r["chosen"]["0.003"]["prefill_ratio"] <= 1

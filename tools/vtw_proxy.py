@@ -62,11 +62,13 @@ def main() -> None:
         acc = accuracy(model, test)
         step.handle.remove()
         kl = search.report["kl_per_layer"].get(str(k))
+        changed = search.report["changed_per_layer"].get(str(k))
         etas = [f"η={eta:g}" for eta, layer in chosen.items() if layer == k]
         mark = f" **(KL search, {', '.join(etas)})**" if etas else ""
         prefill, decode = flops_ratios(model.config.text_config, k)
         rows.append(
-            f"| vtw K={k}{mark} | {kl if kl is not None else '—'} | {100 * acc:.1f} | {100 * (acc - full):+.1f} | "
+            f"| vtw K={k}{mark} | {kl if kl is not None else '—'} | {changed if changed is not None else '—'} | "
+            f"{100 * acc:.1f} | {100 * (acc - full):+.1f} | "
             f"{prefill:.3f} | {decode:.3f} |"
         )
     fastv = compressx.apply(model, [{"pass": "fastv", "config": {"layer": 2, "ratio": 0.5}}], progress=False).steps[0]
@@ -74,16 +76,17 @@ def main() -> None:
     fastv.handle.remove()
     prefill, decode = flops_ratios(model.config.text_config, 2, dropped=0.5)
     delta = 100 * (acc - full)
-    rows.append(f"| fastv K=2 R=50% | — | {100 * acc:.1f} | {delta:+.1f} | {prefill:.3f} | {decode:.3f} |")
+    rows.append(f"| fastv K=2 R=50% | — | — | {100 * acc:.1f} | {delta:+.1f} | {prefill:.3f} | {decode:.3f} |")
 
     print(f"machine: {platform.machine()}, torch {torch.__version__}, 1 thread")
     questions = sum(len(b["answers"]) for b in test)
     picks = ", ".join(f"η={eta:g} → K={layer}" for eta, layer in chosen.items())
     print(f"test questions: {questions}; calibration prompts: {len(calib)}; {picks} (of {n_layers} layers); "
           f"full-model accuracy {100 * full:.1f}%")  # fmt: skip
-    print("\n| setting | mean KL (search) | accuracy % | Δ vs full | prefill FLOPs ratio | decode FLOPs ratio |")
-    print("|---|---|---|---|---|---|")
-    print(f"| full model | — | {100 * full:.1f} | — | 1.000 | 1.000 |")
+    print(f"\n| setting | mean KL (search) | answers changed (of {len(calib)}) | accuracy % | Δ vs full | "
+          "prefill FLOPs ratio | decode FLOPs ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    print(f"| full model | — | — | {100 * full:.1f} | — | 1.000 | 1.000 |")
     print("\n".join(rows))
 
 

@@ -117,10 +117,13 @@ def calibration_batches(data: Any, limit: int) -> list[dict[str, Any]]:
 @torch.no_grad()
 def search_layer(
     model: nn.Module, handle: TokenWithdrawal, batches: list[dict[str, Any]], candidates: list[int], progress: bool
-) -> dict[int, float]:
-    """Mean KL(withdrawn at d ‖ full) of the last position over the calibration prompts, for every candidate d."""
+) -> tuple[dict[int, float], dict[int, int]]:
+    """Mean KL(withdrawn at d ‖ full) of the last position over the calibration prompts, for every candidate d,
+    and on how many prompts the greedy next token changes at d (it tells whether a mean KL above η comes from
+    changed answers or from shifts in confidence)."""
     n_layers = len(handle.layers)
     sums = dict.fromkeys(candidates, 0.0)
+    changed = dict.fromkeys(candidates, 0)
     count = 0
     device = next(model.parameters()).device
     saved = handle.layer
@@ -133,10 +136,11 @@ def search_layer(
                 handle.layer = d
                 withdrawn = model(**inputs, use_cache=False).logits[:, -1]
                 sums[d] += kl_divergence(withdrawn, reference).sum().item()
+                changed[d] += int((withdrawn.argmax(-1) != reference.argmax(-1)).sum())
             count += reference.shape[0]
     finally:
         handle.layer = saved
-    return {d: s / count for d, s in sums.items()}
+    return {d: s / count for d, s in sums.items()}, changed
 
 
 def reference_shape(model: nn.Module, batches: list[dict[str, Any]]) -> tuple[int, int]:
@@ -171,16 +175,18 @@ def apply_vtw(model: nn.Module, config: VtwConfig, ctx: PassContext) -> PassResu
     try:
         if config.layer == "auto":
             candidates = list(range(min(config.search_start, n_layers), n_layers))
-            mean_kl = search_layer(model, handle, batches, candidates, ctx.progress)
+            mean_kl, changed = search_layer(model, handle, batches, candidates, ctx.progress)
             layer = first_under(mean_kl, config.threshold, n_layers)
+            n_prompts = sum(b["input_ids"].shape[0] for b in batches)
             for d, kl in mean_kl.items():
-                log.info("vtw: K=%d mean KL %.6g%s", d, kl, "  <- chosen" if d == layer else "")
+                log.info("vtw: K=%d mean KL %.6g, greedy next token changed on %d/%d prompts%s", d, kl, changed[d],
+                         n_prompts, "  <- chosen" if d == layer else "")  # fmt: skip
             if layer == n_layers:
                 log.warning(
                     "vtw: no layer keeps the KL under %g; withdrawal is off (K = L = %d)", config.threshold, n_layers
                 )
             report.update(kl_per_layer={str(d): round(kl, 8) for d, kl in mean_kl.items()}, threshold=config.threshold)
-            report["calibration_prompts"] = sum(b["input_ids"].shape[0] for b in batches)
+            report.update(changed_per_layer={str(d): n for d, n in changed.items()}, calibration_prompts=n_prompts)
         else:
             layer = config.layer
     except BaseException:

@@ -222,6 +222,24 @@ def test_kl_search_returns_the_first_layer_under_threshold_on_a_constructed_mode
     assert report["kl_per_layer"]["1"] > 1e-6
     assert report["kl_per_layer"]["2"] < 1e-9 and report["kl_per_layer"]["3"] < 1e-9
     assert report["calibration_prompts"] == 3
+    assert report["changed_per_layer"]["2"] == report["changed_per_layer"]["3"] == 0  # identical logits
+
+
+def test_kl_search_counts_the_prompts_whose_greedy_token_changes():
+    # Counted against the argmax of each forward, prompt by prompt, with the hooks at K=1 and without.
+    model = make_tiny_llava(layers=3)
+    data = [{"input_ids": prompt(), "pixel_values": pixels(seed=s)} for s in range(8)]
+    with torch.no_grad():
+        full = [model(**d).logits[0, -1].argmax() for d in data]
+    steps = [{"pass": "vtw", "config": {"layer": 1}}]
+    handle = compressx.apply(model, steps, progress=False).steps[0].handle
+    with torch.no_grad():
+        expected = sum(int(model(**d).logits[0, -1].argmax() != f) for d, f in zip(data, full, strict=True))
+    handle.remove()
+    steps = [{"pass": "vtw", "config": {"layer": "auto", "threshold": 0.0, "search_start": 1}}]
+    report = compressx.apply(model, steps, data, progress=False).steps[0].report
+    assert expected > 0 and report["changed_per_layer"]["1"] == expected
+    assert 0 <= report["changed_per_layer"]["2"] <= 8
 
 
 def test_kl_search_with_no_layer_under_threshold_switches_withdrawal_off(tiny_llava):

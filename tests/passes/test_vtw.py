@@ -226,20 +226,21 @@ def test_kl_search_returns_the_first_layer_under_threshold_on_a_constructed_mode
 
 
 def test_kl_search_counts_the_prompts_whose_greedy_token_changes():
-    # Counted against the argmax of each forward, prompt by prompt, with the hooks at K=1 and without.
+    # Counted against the argmax of each forward, prompt by prompt, with the hooks at K and without.
     model = make_tiny_llava(layers=3)
     data = [{"input_ids": prompt(), "pixel_values": pixels(seed=s)} for s in range(8)]
     with torch.no_grad():
         full = [model(**d).logits[0, -1].argmax() for d in data]
-    steps = [{"pass": "vtw", "config": {"layer": 1}}]
-    handle = compressx.apply(model, steps, progress=False).steps[0].handle
-    with torch.no_grad():
-        expected = sum(int(model(**d).logits[0, -1].argmax() != f) for d, f in zip(data, full, strict=True))
-    handle.remove()
+    expected = {}
+    for k in (1, 2):
+        handle = compressx.apply(model, [{"pass": "vtw", "config": {"layer": k}}], progress=False).steps[0].handle
+        with torch.no_grad():
+            withdrawn = [model(**d).logits[0, -1].argmax() for d in data]
+        expected[str(k)] = sum(int(w != f) for w, f in zip(withdrawn, full, strict=True))
+        handle.remove()
     steps = [{"pass": "vtw", "config": {"layer": "auto", "threshold": 0.0, "search_start": 1}}]
     report = compressx.apply(model, steps, data, progress=False).steps[0].report
-    assert expected > 0 and report["changed_per_layer"]["1"] == expected
-    assert 0 <= report["changed_per_layer"]["2"] <= 8
+    assert expected["1"] > 0 and report["changed_per_layer"] == expected
 
 
 def test_kl_search_with_no_layer_under_threshold_switches_withdrawal_off(tiny_llava):

@@ -25,7 +25,9 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import gc
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -192,6 +194,21 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def live_cpu_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage still referenced from Python, each storage counted once: what streaming
+    keeps alive, as opposed to what the allocator holds (``release_freed_memory``). A diagnostic; it walks every
+    object the garbage collector tracks."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class _Captured(Exception):

@@ -1,8 +1,6 @@
 """Layer-by-layer pruning of models whose weights accelerate offloads to CPU or disk."""
 
-import gc
 import hashlib
-import warnings
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from accelerate import cpu_offload, disk_offload
 from accelerate.utils import align_module_device, has_offloaded_params
 
 import compressx
-from compressx.layerwise import execution_device, prune_layer_by_layer
+from compressx.layerwise import execution_device, live_cpu_tensor_bytes, prune_layer_by_layer
 
 TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -91,19 +89,6 @@ def test_device_map_disk_never_writes_the_source_checkpoint(tmp_path):
     reloaded = compressx.load(tmp_path / "export")
     for name in expected:
         assert torch.equal(reloaded.get_submodule(name).weight, expected[name]), name
-
-
-def live_cpu_tensor_bytes() -> int:
-    """Bytes of every CPU tensor storage still referenced from Python (each storage counted once)."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def test_disk_offloaded_pruning_keeps_only_the_current_layer_alive(tmp_path):

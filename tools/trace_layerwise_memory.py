@@ -17,9 +17,10 @@ import gc
 import tempfile
 import threading
 import time
-import warnings
 
 import torch
+
+from compressx.layerwise import live_cpu_tensor_bytes
 
 
 def rss_mib() -> tuple[float, float]:
@@ -33,15 +34,7 @@ def rss_mib() -> tuple[float, float]:
 
 
 def live_tensor_mib() -> float:
-    """MiB of CPU tensor storages referenced from Python, each counted once."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
-    return sum(storages.values()) / 2**20
+    return live_cpu_tensor_bytes() / 2**20
 
 
 def main() -> None:

@@ -230,18 +230,8 @@ def test_hf_trainer_drives_lbc(tmp_path):
     sparse = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
     assert "classifier" not in sparse and "vit.embeddings.patch_embeddings.projection" not in sparse
     assert len(sparse) == 12  # 2 layers x (q, k, v, o, fc1, fc2); the patch embedding and classifier dense
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=3,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="epoch",
-        save_total_limit=1,
-        logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    args = _hf_args(
+        transformers, tmp_path, per_device_train_batch_size=8, save_strategy="epoch", save_total_limit=1, seed=42
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_Images(), callbacks=[trainer_callback(handle)]

@@ -224,14 +224,12 @@ def test_bad_configs_and_models_are_refused(tiny_cnn):
 def test_export_records_the_pass_and_load_reapplies_it(tmp_path, capsys):
     pipe = make_tiny_sd_pipeline()
     result = compressx.apply(pipe, [{"pass": "cutdiffusion", "config": {"stride": 4, "shuffle": False}}])
-    before = pipe(
-        height=32,
-        width=16,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        **embeds(False),
-    ).images
+
+    def sample(p):  # the same seeded call before export and after reload
+        kw = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent")
+        return p(height=32, width=16, **kw, **embeds(False)).images
+
+    before = sample(pipe)
     out = compressx.save(pipe, tmp_path / "export", result)
     manifest = compressx.export.read_manifest(out)
     assert manifest["model"] == {"format": "diffusers", "class": "StableDiffusionPipeline", "dtype": "float32"}
@@ -240,14 +238,7 @@ def test_export_records_the_pass_and_load_reapplies_it(tmp_path, capsys):
     loaded = compressx.load(out)
     assert type(loaded)._compressx_base is StableDiffusionPipeline
     loaded.set_progress_bar_config(disable=True)
-    after = loaded(
-        height=32,
-        width=16,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        **embeds(False),
-    ).images
+    after = sample(loaded)
     torch.testing.assert_close(after, before)
     assert compressx.cli.main(["load", str(out)]) == 0 and compressx.cli.main(["show", str(out)]) == 0
     printed = capsys.readouterr().out

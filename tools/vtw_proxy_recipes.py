@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from typing import Any
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=20)
     parser.add_argument("--json", help="write every measurement to this file")
     args = parser.parse_args()
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        parser.error(f"--json {args.json}: its folder does not exist or is not writable")  # before an hour of work
     torch.set_num_threads(1)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, 1 thread")
     print("| recipe | layers | seed | full acc % | K (η=0.003) | Δ pts | prefill | K (η=0.03) | Δ pts | prefill "

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compressx.checkpoint import CheckpointDir, LayerCheckpoints, tensor_digest
 from compressx.config import PassConfig
 from compressx.errors import RecipeError
 from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
@@ -69,7 +70,28 @@ def _as_step(step: StepLike, index: int) -> tuple[StepSpec, PassSpec]:
     return parsed, get_pass(parsed.pass_name)
 
 
-def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, progress: bool = True) -> ApplyResult:
+def _layer_checkpoints(
+    store: CheckpointDir | None, resume: bool, index: int, step: StepSpec, originals: dict[str, torch.Tensor] | None
+) -> LayerCheckpoints | None:
+    """Step ``index``'s per-layer checkpoints in ``store``, identified by the pass, its config and the dense weights
+    a refining step starts from (``begin`` adds the model and the data)."""
+    if store is None:
+        return None
+    identity = {"step": index, "pass": step.pass_name, "config": step.config.to_dict()}
+    if originals is not None:
+        identity["original_weights"] = tensor_digest(sorted(originals.items()))
+    return LayerCheckpoints(store, index, identity, resume)
+
+
+def apply(
+    model: nn.Module,
+    steps: Sequence[StepLike],
+    data: Any = None,
+    *,
+    progress: bool = True,
+    checkpoint: CheckpointDir | None = None,
+    resume: bool = False,
+) -> ApplyResult:
     """Apply compression steps to ``model`` in place, in order.
 
     Every step is checked (config, targets, shapes, calibration data) before the first one runs, so a bad step
@@ -81,6 +103,9 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             "targets": [...], "ignore": [...]}``.
         data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor).
         progress: show progress bars.
+        checkpoint: an opened checkpoint directory where layer-by-layer passes (wanda, sparsegpt, dsnot) save
+            each pruned decoder layer (``compressx.checkpoint``).
+        resume: load the layers saved there by an interrupted run instead of pruning them again.
 
     Returns:
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
@@ -114,7 +139,13 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             else {}
         )
         start = time.perf_counter()
-        context = PassContext(targets, calibration=data, progress=progress, original_weights=originals.get(i))
+        context = PassContext(
+            targets,
+            calibration=data,
+            progress=progress,
+            original_weights=originals.get(i),
+            checkpoint=_layer_checkpoints(checkpoint, resume, i, step, originals.get(i)),
+        )
         out = spec.fn(model, step.config, context)
         seconds = time.perf_counter() - start
         summary = summarize_report(out.report)

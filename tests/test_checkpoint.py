@@ -170,3 +170,83 @@ def test_resume_refuses_a_checkpoint_of_other_model_weights(tmp_path):
     other = parse_train_spec({**SMALL, "seed": 3, "checkpoint": {"dir": str(tmp_path / "ckpt")}})
     with pytest.raises(CheckpointError, match="the recipe's train differ"):
         _lbc_run(other, resume=True)
+
+
+# Layer-by-layer calibration: a run killed after layer k, resumed, gives the uninterrupted run's masks.
+
+
+def _llama(layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+TOKENS = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+LAYERWISE = {
+    "wanda": [{"pass": "wanda", "config": {"sparsity": 0.5, "batch_size": 4}}],
+    "sparsegpt": [{"pass": "sparsegpt", "config": {"sparsity": 0.5, "batch_size": 4}}],
+    "dsnot after magnitude": [
+        {"pass": "magnitude", "config": {"sparsity": 0.5}, "ignore": ["lm_head"]},
+        {"pass": "dsnot", "config": {"init": "previous", "refine_mlp": True, "batch_size": 4}},
+    ],
+}
+
+
+def _layerwise_run(steps, store=None, resume=False, crash_layer=None, tokens=TOKENS):
+    model = _llama()
+    layers = model.model.layers
+    hooks = []
+    if crash_layer is not None:  # dies at the first forward of that layer: after the previous layer was saved
+
+        def crash(module, args):
+            raise Crash(crash_layer)
+
+        hooks.append(layers[crash_layer].register_forward_pre_hook(crash))
+    calls = []
+    hooks.append(layers[0].register_forward_pre_hook(lambda module, args: calls.append(1)))
+    try:
+        result = compressx.apply(model, steps, tokens, progress=False, checkpoint=store, resume=resume)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return model, result, len(calls)
+
+
+def _store(path, resume):
+    store = CheckpointDir(path, {"steps": "s"})
+    store.open(resume)
+    return store
+
+
+@pytest.mark.parametrize("name", list(LAYERWISE))
+def test_layerwise_resumed_after_a_crash_gives_the_same_masks_and_report(tmp_path, name):
+    steps = LAYERWISE[name]
+    reference, reference_result, reference_calls = _layerwise_run(steps)
+    with pytest.raises(Crash):
+        _layerwise_run(steps, _store(tmp_path / "ckpt", False), crash_layer=2)
+    step = len(steps) - 1
+    names = [f"step-{step:02d}-layer-{layer:04d}" for layer in (0, 1)]
+    assert CheckpointDir(tmp_path / "ckpt", {}).entries() == names
+    resumed, result, calls = _layerwise_run(steps, _store(tmp_path / "ckpt", True), resume=True)
+    # Layer 0 ran once per batch (its saved weights give the next inputs), not twice (calibrate, then output).
+    assert calls == reference_calls - 2
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert result.report() == reference_result.report()  # DSnoT's per-layer refinement report included
+    assert len(CheckpointDir(tmp_path / "ckpt", {}).entries(f"step-{step:02d}-layer-")) == 4
+
+
+def test_layerwise_resume_refuses_layers_of_other_data_or_config(tmp_path):
+    steps = LAYERWISE["wanda"]
+    with pytest.raises(Crash):
+        _layerwise_run(steps, _store(tmp_path / "ckpt", False), crash_layer=2)
+    with pytest.raises(CheckpointError, match="another model, calibration data or step config"):
+        _layerwise_run(steps, _store(tmp_path / "ckpt", True), resume=True, tokens=TOKENS.flip(0))
+    other = [{"pass": "wanda", "config": {"sparsity": 0.6, "batch_size": 4}}]
+    with pytest.raises(CheckpointError, match="another model, calibration data or step config"):
+        _layerwise_run(other, _store(tmp_path / "ckpt", True), resume=True)

@@ -20,7 +20,16 @@ from tqdm.auto import tqdm
 from compressx.checkpoint import CheckpointDir, LayerCheckpoints, tensor_digest
 from compressx.config import PassConfig
 from compressx.errors import RecipeError
-from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
+from compressx.recipe import (
+    Recipe,
+    StepSpec,
+    check_export_target,
+    check_recipe,
+    check_steps_on_model,
+    checkpoint_dirs,
+    parse_step,
+    recipe_fingerprint,
+)
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
 from compressx.targets import select_targets
 
@@ -208,11 +217,43 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _train_and_finalize(model: nn.Module, recipe: Recipe, step: StepResult, progress: bool) -> None:
+def open_checkpoint_dirs(recipe: Recipe, resume: bool) -> dict[str, CheckpointDir]:
+    """The recipe's checkpoint directories (path -> ``CheckpointDir``), created or checked, before any work.
+
+    Refused: ``resume`` when the recipe keeps no checkpoints; a directory compressx did not create; checkpoints
+    of an earlier run without ``resume``; with ``resume``, checkpoints of a run with another fingerprint. Only the
+    main process of a distributed run writes there.
+    """
+    dirs = checkpoint_dirs(recipe)
+    if resume and not dirs:
+        raise RecipeError(
+            [
+                "--resume: this recipe keeps no checkpoints; add train.checkpoint: {dir: ..., every: N} (training) "
+                "or checkpoint: {dir: ...} (layer-by-layer steps: wanda, sparsegpt, dsnot)"
+            ],
+            recipe.source,
+        )
+    fingerprint = recipe_fingerprint(recipe)
+    stores = {directory: CheckpointDir(directory, fingerprint) for directory in dirs}
+    if is_main_process():
+        for store in stores.values():
+            store.open(resume)
+    return stores
+
+
+def _train_and_finalize(
+    model: nn.Module,
+    recipe: Recipe,
+    step: StepResult,
+    progress: bool,
+    stores: dict[str, CheckpointDir] | None = None,
+    resume: bool = False,
+) -> None:
     """Run the built-in trainer on the recipe's training step, finalise it, and record both in its report."""
     from compressx.trainer import train
 
-    summary = train(model, recipe.train, [step.handle], progress=progress)
+    store = (stores or {}).get(recipe.train.checkpoint.dir) if recipe.train.checkpoint else None
+    summary = train(model, recipe.train, [step.handle], progress=progress, resume=resume, store=store)
     step.handle.finalize()
     step.report = {
         **step.report,
@@ -223,8 +264,14 @@ def _train_and_finalize(model: nn.Module, recipe: Recipe, step: StepResult, prog
     log.info("step %s finalized after training: %s", step.pass_name, summarize_report(step.handle.final_report))
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True) -> RunResult:
-    """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs."""
+def run_recipe(
+    recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True, resume: bool = False
+) -> RunResult:
+    """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs.
+
+    With ``resume``, layer-by-layer steps and training continue from the recipe's checkpoints
+    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them.
+    """
     from compressx import data as data_mod
     from compressx.evaluate import evaluate
     from compressx.export import save
@@ -232,6 +279,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
 
     # Everything that can be checked without weights is checked first: no hour of work before a typo error.
     check_recipe(recipe, overwrite=overwrite)
+    stores = open_checkpoint_dirs(recipe, resume)
     if recipe.train is not None:
         torch.manual_seed(recipe.train.seed)  # the init of a model built from scratch (pretrained: false)
     loaded = build_model(recipe.model, progress=progress)
@@ -239,9 +287,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     if recipe.calibration is not None:
         calibration = data_mod.load_calibration(recipe.calibration, loaded.tokenizer)
     before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
-    result = apply(loaded.model, recipe.steps, calibration, progress=progress)
+    layer_store = stores.get(recipe.checkpoint.dir) if recipe.checkpoint else None
+    result = apply(loaded.model, recipe.steps, calibration, progress=progress, checkpoint=layer_store, resume=resume)
     if recipe.train is not None:
-        _train_and_finalize(loaded.model, recipe, result.steps[-1], progress)
+        _train_and_finalize(loaded.model, recipe, result.steps[-1], progress, stores, resume)
     after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     export_dir = None
     if recipe.export and export and is_main_process():

@@ -250,3 +250,36 @@ def test_layerwise_resume_refuses_layers_of_other_data_or_config(tmp_path):
     other = [{"pass": "wanda", "config": {"sparsity": 0.6, "batch_size": 4}}]
     with pytest.raises(CheckpointError, match="another model, calibration data or step config"):
         _layerwise_run(other, _store(tmp_path / "ckpt", True), resume=True)
+
+
+def test_layerwise_resume_on_a_disk_offloaded_model(tmp_path):
+    """Saved layers are read while offloaded, and restored ones are written back to the offload storage."""
+    from accelerate import disk_offload
+    from test_offload import weights
+
+    steps = LAYERWISE["sparsegpt"]
+    expected = weights(_layerwise_run(steps)[0])
+
+    def offloaded_run(store, resume, crash_layer=None, folder="off"):
+        model = disk_offload(_llama(), str(tmp_path / folder), execution_device=torch.device("cpu"))
+        hook = None
+        if crash_layer is not None:
+
+            def crash(module, args):
+                raise Crash(crash_layer)
+
+            hook = model.model.layers[crash_layer].register_forward_pre_hook(crash)
+        try:
+            compressx.apply(model, steps, TOKENS, progress=False, checkpoint=store, resume=resume)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return model
+
+    with pytest.raises(Crash):
+        offloaded_run(_store(tmp_path / "ckpt", False), False, crash_layer=3)
+    resumed = offloaded_run(_store(tmp_path / "ckpt", True), True, folder="off2")
+    assert resumed.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded
+    got = weights(resumed)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

@@ -42,8 +42,9 @@ FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 CHECKPOINT_KEYS = ("dir", "every")
-_ENTRY = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-_TEMP = re.compile(r"^\.tmp-[a-z0-9-]+-\d+$")
+_ENTRY = re.compile(r"^(epoch-\d{4,}|step-\d{2,}-layer-\d{4,})$")
+_TEMP = re.compile(r"^\.tmp-(epoch-\d{4,}|step-\d{2,}-layer-\d{4,})-\d+$")
+_MARKER_TEMP = re.compile(rf"^\.{re.escape(MARKER)}\.tmp-\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,16 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     return marker
 
 
+def _is_ours(path: Path, pattern: re.Pattern) -> bool:
+    """Whether ``path`` is something compressx wrote in a checkpoint directory: an entry or temp folder (named so,
+    holding only checkpoint files) or a temp marker file. Anything else there is left alone."""
+    if path.is_symlink() or not pattern.match(path.name):
+        return False
+    if pattern is _MARKER_TEMP:
+        return path.is_file()
+    return path.is_dir() and set(os.listdir(path)) <= {TENSORS, STATE}
+
+
 def check_checkpoint_dir(directory: str | os.PathLike) -> str | None:
     """Why compressx may not write checkpoints into ``directory``, or None (new, empty, or a checkpoint dir)."""
     path = Path(directory)
@@ -194,7 +205,8 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> str | None:
         return None
     if not path.is_dir():
         return f"{path} is a file, not a directory"
-    if any(path.iterdir()) and _read_marker(path) is None:
+    # A temp marker alone is what a kill during the very first open leaves: the directory is still compressx's.
+    if any(not _is_ours(p, _MARKER_TEMP) for p in path.iterdir()) and _read_marker(path) is None:
         return (
             f"{path} is not empty and is not a compressx checkpoint directory (no valid {MARKER}); compressx writes "
             "checkpoints only into a new or empty directory or one it created: choose another"
@@ -216,9 +228,7 @@ class CheckpointDir:
         """Names of the complete entries starting with ``prefix``, sorted."""
         if not self.path.is_dir():
             return []
-        return sorted(
-            p.name for p in self.path.iterdir() if p.is_dir() and _ENTRY.match(p.name) and p.name.startswith(prefix)
-        )
+        return sorted(p.name for p in self.path.iterdir() if p.name.startswith(prefix) and _is_ours(p, _ENTRY))
 
     def open(self, resume: bool) -> None:
         """Create the directory (with its marker) or check it: refuse a foreign directory, entries without
@@ -244,9 +254,9 @@ class CheckpointDir:
                 )
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.iterdir():
-            if leftover.is_dir() and _TEMP.match(leftover.name):
-                log.info("removing %s, a checkpoint a killed run left half written", leftover)
-                shutil.rmtree(leftover)
+            if _is_ours(leftover, _TEMP) or _is_ours(leftover, _MARKER_TEMP):
+                log.info("removing %s, which a killed run left half written", leftover)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         if not entries:
             temp = self.path / f".{MARKER}.tmp-{os.getpid()}"
             _write_json(temp, {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint})
@@ -261,7 +271,7 @@ class CheckpointDir:
         if not _ENTRY.match(name):
             raise ValueError(f"bad checkpoint entry name {name!r}")
         temp = self.path / f".tmp-{name}-{os.getpid()}"
-        if temp.exists():
+        if _is_ours(temp, _TEMP):
             shutil.rmtree(temp)
         temp.mkdir()
         try:
@@ -270,7 +280,7 @@ class CheckpointDir:
             _write_json(temp / STATE, {"state": state, "tensors_sha256": _sha256_file(temp / TENSORS)})
             _fsync(temp)
             final = self.path / name
-            if final.exists():
+            if _is_ours(final, _ENTRY):  # an entry of the same name (a resumed run redoing it): compressx's own
                 shutil.rmtree(final)
             os.rename(temp, final)
             _fsync(self.path)
@@ -294,8 +304,8 @@ class CheckpointDir:
         return load_file(str(folder / TENSORS)), state
 
     def remove(self, name: str) -> None:
-        """Delete entry ``name`` (an entry compressx wrote: a folder of this marked directory)."""
-        if _ENTRY.match(name) and (self.path / name).is_dir():
+        """Delete entry ``name`` if it is one compressx wrote (named so, holding only checkpoint files)."""
+        if _is_ours(self.path / name, _ENTRY):
             shutil.rmtree(self.path / name)
 
 

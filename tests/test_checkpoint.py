@@ -92,6 +92,26 @@ def test_entries_are_atomic_verified_and_guarded_by_the_fingerprint(tmp_path):
         again.read("epoch-0000")
 
 
+def test_only_what_compressx_wrote_is_listed_or_deleted(tmp_path):
+    store = CheckpointDir(tmp_path / "ckpt", {"a": "1"})
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / f".{MARKER}.tmp-77").write_text("{")  # a kill during the very first open left this
+    store.open(resume=False)  # still compressx's directory; the leftover goes
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [MARKER]
+    user = tmp_path / "ckpt" / "epoch-0000"  # named like an entry, but holding a user's file
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "ckpt" / ".tmp-epoch-0001-5").mkdir()
+    (tmp_path / "ckpt" / ".tmp-epoch-0001-5" / "notes.txt").write_text("mine too")
+    assert store.entries() == []
+    store.remove("epoch-0000")
+    store.write("epoch-0002", {"w": torch.zeros(1)}, {})
+    CheckpointDir(tmp_path / "ckpt", {"a": "1"}).open(resume=True)
+    assert (user / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "ckpt" / ".tmp-epoch-0001-5" / "notes.txt").exists()
+    assert store.entries() == ["epoch-0002"]
+
+
 SMALL = {
     "data": {"source": "digits", "split": "train", "train_images": 100},
     "epochs": 4,
@@ -140,6 +160,11 @@ def test_training_resumed_after_a_crash_is_bit_identical(tmp_path, every, crash_
     for key, value in reference_state.items():  # weights, LBC scores and candidate masks, BN statistics
         assert torch.equal(value, resumed_state[key]), key
     assert CheckpointDir(tmp_path / "ckpt", {}).entries() == ["epoch-0003"]
+    # Resuming a finished run trains no more and gives the same model (e.g. after a crash during the export).
+    again, again_handle, again_summary = _lbc_run(spec, resume=True)
+    assert again_summary["resumed_after_epoch"] == 3 and again_summary["history"] == reference_summary["history"]
+    assert again_handle.history == reference_handle.history
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in reference_state.items())
 
 
 def test_the_comparison_catches_a_resume_that_loses_the_data_order(tmp_path):

@@ -264,8 +264,19 @@ def checkpoint_dirs(recipe: Recipe) -> list[str]:
 
 
 def check_checkpoint_dirs(recipe: Recipe) -> list[str]:
-    """Problems with the recipe's checkpoint directories (a file, a directory compressx did not create)."""
-    return [f"checkpoint: {problem}" for d in checkpoint_dirs(recipe) if (problem := check_checkpoint_dir(d))]
+    """Problems with the recipe's checkpoint directories: a file, a directory compressx did not create, or one
+    that is, holds or sits inside the export directory (an export replaces its whole directory)."""
+    problems = [f"checkpoint: {problem}" for d in checkpoint_dirs(recipe) if (problem := check_checkpoint_dir(d))]
+    if recipe.export:
+        export = Path(recipe.export.dir).resolve()
+        for directory in checkpoint_dirs(recipe):
+            resolved = Path(directory).resolve()
+            if resolved == export or export in resolved.parents or resolved in export.parents:
+                problems.append(
+                    f"checkpoint: {directory} overlaps export.dir {recipe.export.dir}; keep checkpoints apart from "
+                    "the export"
+                )
+    return problems
 
 
 def _apply_override(cfg: Any, override: str) -> None:

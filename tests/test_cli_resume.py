@@ -143,6 +143,9 @@ def test_resume_refusals_are_one_clear_error(tmp_path, hf_llama_dir, capsys):
     assert run("apply", recipe, "checkpoint={dir: x, every: 2}") == 2
     assert "checkpoint.every: unknown key 'every'; allowed: dir" in capsys.readouterr().err
 
+    assert run("validate", recipe, f"checkpoint.dir={tmp_path / 'out' / 'ckpt'}") == 2
+    assert "overlaps export.dir" in capsys.readouterr().err
+
     foreign = tmp_path / "thesis"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

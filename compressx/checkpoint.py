@@ -248,9 +248,9 @@ class CheckpointDir:
                              if self.fingerprint.get(k) != marker["fingerprint"].get(k))  # fmt: skip
             if differs:
                 raise CheckpointError(
-                    f"--resume: the checkpoints in {self.path} belong to another run: the recipe's "
-                    f"{', '.join(differs)} differ from the run that wrote them. Resume with the same recipe and "
-                    "overrides, or choose another checkpoint dir"
+                    f"--resume: the checkpoints in {self.path} belong to another run: recipe block(s) "
+                    f"{', '.join(differs)} differ from that run's. Resume with the same recipe and overrides, or "
+                    "choose another checkpoint dir"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.iterdir():

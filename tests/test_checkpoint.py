@@ -80,7 +80,7 @@ def test_entries_are_atomic_verified_and_guarded_by_the_fingerprint(tmp_path):
 
     with pytest.raises(CheckpointError, match="pass --resume"):
         CheckpointDir(tmp_path / "ckpt", {"model": "m", "steps": "s"}).open(resume=False)
-    with pytest.raises(CheckpointError, match="the recipe's steps differ"):
+    with pytest.raises(CheckpointError, match="recipe block\\(s\\) steps differ from that run's"):
         CheckpointDir(tmp_path / "ckpt", {"model": "m", "steps": "other"}).open(resume=True)
     again = CheckpointDir(tmp_path / "ckpt", {"model": "m", "steps": "s"})
     again.open(resume=True)
@@ -193,7 +193,7 @@ def test_resume_refuses_a_checkpoint_of_other_model_weights(tmp_path):
     with pytest.raises(CheckpointError, match="started from other model weights"):
         train(model, spec, [handle, CrashAt(None)], progress=False, resume=True)
     other = parse_train_spec({**SMALL, "seed": 3, "checkpoint": {"dir": str(tmp_path / "ckpt")}})
-    with pytest.raises(CheckpointError, match="the recipe's train differ"):
+    with pytest.raises(CheckpointError, match="recipe block\\(s\\) train differ"):
         _lbc_run(other, resume=True)
 
 

@@ -160,7 +160,7 @@ def test_resume_refusals_are_one_clear_error(tmp_path, hf_llama_dir, capsys):
     assert run("apply", recipe, f"export.dir={tmp_path / 'other'}") == 2
     assert "holds checkpoints of an earlier run" in capsys.readouterr().err
     assert run("apply", recipe, "steps.0.config.sparsity=0.6", f"export.dir={tmp_path / 'other'}", "--resume") == 2
-    assert "belong to another run: the recipe's steps differ" in capsys.readouterr().err
+    assert "belong to another run: recipe block(s) steps differ" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
     # The same recipe resumes (every layer loaded), with another export dir: the same weights.
     assert run("apply", recipe, f"export.dir={tmp_path / 'again'}", "--resume") == 0

@@ -17,9 +17,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compressx.checkpoint import CheckpointDir, LayerCheckpoints, tensor_digest
 from compressx.config import PassConfig
 from compressx.errors import RecipeError
-from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
+from compressx.recipe import (
+    Recipe,
+    StepSpec,
+    check_export_target,
+    check_recipe,
+    check_steps_on_model,
+    checkpoint_dirs,
+    parse_step,
+    recipe_fingerprint,
+)
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
 from compressx.targets import select_targets
 
@@ -69,7 +79,28 @@ def _as_step(step: StepLike, index: int) -> tuple[StepSpec, PassSpec]:
     return parsed, get_pass(parsed.pass_name)
 
 
-def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, progress: bool = True) -> ApplyResult:
+def _layer_checkpoints(
+    store: CheckpointDir | None, resume: bool, index: int, step: StepSpec, originals: dict[str, torch.Tensor] | None
+) -> LayerCheckpoints | None:
+    """Step ``index``'s per-layer checkpoints in ``store``, identified by the pass, its config and the dense weights
+    a refining step starts from (``begin`` adds the model and the data)."""
+    if store is None:
+        return None
+    identity = {"step": index, "pass": step.pass_name, "config": step.config.to_dict()}
+    if originals is not None:
+        identity["original_weights"] = tensor_digest(sorted(originals.items()))
+    return LayerCheckpoints(store, index, identity, resume)
+
+
+def apply(
+    model: nn.Module,
+    steps: Sequence[StepLike],
+    data: Any = None,
+    *,
+    progress: bool = True,
+    checkpoint: CheckpointDir | None = None,
+    resume: bool = False,
+) -> ApplyResult:
     """Apply compression steps to ``model`` in place, in order.
 
     Every step is checked (config, targets, shapes, calibration data) before the first one runs, so a bad step
@@ -81,6 +112,9 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             "targets": [...], "ignore": [...]}``.
         data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor).
         progress: show progress bars.
+        checkpoint: an opened checkpoint directory where layer-by-layer passes (wanda, sparsegpt, dsnot) save
+            each pruned decoder layer (``compressx.checkpoint``).
+        resume: load the layers saved there by an interrupted run instead of pruning them again.
 
     Returns:
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
@@ -114,7 +148,13 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
             else {}
         )
         start = time.perf_counter()
-        context = PassContext(targets, calibration=data, progress=progress, original_weights=originals.get(i))
+        context = PassContext(
+            targets,
+            calibration=data,
+            progress=progress,
+            original_weights=originals.get(i),
+            checkpoint=_layer_checkpoints(checkpoint, resume, i, step, originals.get(i)),
+        )
         out = spec.fn(model, step.config, context)
         seconds = time.perf_counter() - start
         summary = summarize_report(out.report)
@@ -177,11 +217,43 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _train_and_finalize(model: nn.Module, recipe: Recipe, step: StepResult, progress: bool) -> None:
+def open_checkpoint_dirs(recipe: Recipe, resume: bool) -> dict[str, CheckpointDir]:
+    """The recipe's checkpoint directories (path -> ``CheckpointDir``), created or checked, before any work.
+
+    Refused: ``resume`` when the recipe keeps no checkpoints; a directory compressx did not create; checkpoints
+    of an earlier run without ``resume``; with ``resume``, checkpoints of a run with another fingerprint. Only the
+    main process of a distributed run writes there.
+    """
+    dirs = checkpoint_dirs(recipe)
+    if resume and not dirs:
+        raise RecipeError(
+            [
+                "--resume: this recipe keeps no checkpoints; add train.checkpoint: {dir: ..., every: N} (training) "
+                "or checkpoint: {dir: ...} (layer-by-layer steps: wanda, sparsegpt, dsnot)"
+            ],
+            recipe.source,
+        )
+    fingerprint = recipe_fingerprint(recipe)
+    stores = {directory: CheckpointDir(directory, fingerprint) for directory in dirs}
+    if is_main_process():
+        for store in stores.values():
+            store.open(resume)
+    return stores
+
+
+def _train_and_finalize(
+    model: nn.Module,
+    recipe: Recipe,
+    step: StepResult,
+    progress: bool,
+    stores: dict[str, CheckpointDir] | None = None,
+    resume: bool = False,
+) -> None:
     """Run the built-in trainer on the recipe's training step, finalise it, and record both in its report."""
     from compressx.trainer import train
 
-    summary = train(model, recipe.train, [step.handle], progress=progress)
+    store = (stores or {}).get(recipe.train.checkpoint.dir) if recipe.train.checkpoint else None
+    summary = train(model, recipe.train, [step.handle], progress=progress, resume=resume, store=store)
     step.handle.finalize()
     step.report = {
         **step.report,
@@ -192,8 +264,14 @@ def _train_and_finalize(model: nn.Module, recipe: Recipe, step: StepResult, prog
     log.info("step %s finalized after training: %s", step.pass_name, summarize_report(step.handle.final_report))
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True) -> RunResult:
-    """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs."""
+def run_recipe(
+    recipe: Recipe, *, overwrite: bool = False, progress: bool = True, export: bool = True, resume: bool = False
+) -> RunResult:
+    """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs.
+
+    With ``resume``, layer-by-layer steps and training continue from the recipe's checkpoints
+    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them.
+    """
     from compressx import data as data_mod
     from compressx.evaluate import evaluate
     from compressx.export import save
@@ -201,6 +279,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
 
     # Everything that can be checked without weights is checked first: no hour of work before a typo error.
     check_recipe(recipe, overwrite=overwrite)
+    stores = open_checkpoint_dirs(recipe, resume)
     if recipe.train is not None:
         torch.manual_seed(recipe.train.seed)  # the init of a model built from scratch (pretrained: false)
     loaded = build_model(recipe.model, progress=progress)
@@ -208,9 +287,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     if recipe.calibration is not None:
         calibration = data_mod.load_calibration(recipe.calibration, loaded.tokenizer)
     before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
-    result = apply(loaded.model, recipe.steps, calibration, progress=progress)
+    layer_store = stores.get(recipe.checkpoint.dir) if recipe.checkpoint else None
+    result = apply(loaded.model, recipe.steps, calibration, progress=progress, checkpoint=layer_store, resume=resume)
     if recipe.train is not None:
-        _train_and_finalize(loaded.model, recipe, result.steps[-1], progress)
+        _train_and_finalize(loaded.model, recipe, result.steps[-1], progress, stores, resume)
     after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     export_dir = None
     if recipe.export and export and is_main_process():

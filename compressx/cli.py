@@ -38,7 +38,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from compressx.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export)
+    run = run_recipe(
+        recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export, resume=args.resume
+    )
     from compressx.api import is_main_process
 
     if not is_main_process():  # under `accelerate launch`, one process reports
@@ -177,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. steps.0.config.sparsity=0.6")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     p.add_argument("--no-export", action="store_true", help="skip the export block")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints (train.checkpoint, checkpoint) an interrupted run of the recipe left",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_apply)
 

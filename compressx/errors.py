@@ -46,6 +46,10 @@ class ExportError(CompressxError):
     """An export could not be written, or an export directory could not be read back (corrupt, missing, unknown)."""
 
 
+class CheckpointError(CompressxError):
+    """A checkpoint directory cannot be used: not compressx's, another run's, corrupted, or nothing to resume."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice most similar to ``name`` (for 'did you mean' hints), or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -34,6 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
 from compressx.config import PassConfig
 from compressx.data import DataSpec, parse_data_spec
 from compressx.errors import CompressxError, ConfigError, RecipeError, TargetError, unknown_key_message
@@ -43,7 +44,7 @@ from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_targets
 from compressx.trainer import TrainSpec, parse_train_spec
 
-TOP_KEYS = ("model", "data", "steps", "train", "eval", "export")
+TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
 STEP_KEYS = ("pass", "targets", "ignore", "config")
 EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
 DATA_KEYS = ("calibration",)
@@ -86,6 +87,7 @@ class Recipe:
     export: ExportSpec | None = None
     source: str = "<recipe>"
     train: TrainSpec | None = None
+    checkpoint: CheckpointSpec | None = None  # per-layer checkpoints of layer-by-layer steps (--resume)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), as written to an export's ``recipe.yaml``."""
@@ -101,6 +103,8 @@ class Recipe:
             out["eval"] = [e.to_dict() for e in self.eval]
         if self.export:
             out["export"] = dataclasses.asdict(self.export)
+        if self.checkpoint:
+            out["checkpoint"] = {"dir": self.checkpoint.dir}
         return out
 
 
@@ -226,9 +230,53 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                 sparse_format=str(sparse_format),
             )
 
+    checkpoint = None
+    if raw.get("checkpoint") is not None:
+        checkpoint = block("checkpoint", parse_layer_checkpoint_spec, raw["checkpoint"])
+
     if problems:
         raise RecipeError(problems, source)
-    return Recipe(tuple(steps), model, calibration, tuple(evals), export, source, train)
+    return Recipe(tuple(steps), model, calibration, tuple(evals), export, source, train, checkpoint)
+
+
+def parse_layer_checkpoint_spec(block: Any) -> CheckpointSpec:
+    """The top-level ``checkpoint: {dir: ...}``: where layer-by-layer steps save each pruned layer."""
+    return parse_checkpoint_spec(block, keys=("dir",))
+
+
+def recipe_fingerprint(recipe: Recipe) -> dict[str, str]:
+    """Digests of what decides a run's result (model, calibration data, steps, training), by part: a checkpoint
+    written by one recipe is resumed only by a recipe with the same ones. Eval, export and the checkpoint
+    settings themselves may change between the interrupted run and its resumption."""
+    parts = {
+        "model": recipe.model.to_dict() if recipe.model else None,
+        "data.calibration": recipe.calibration.to_dict() if recipe.calibration else None,
+        "steps": [s.to_dict() for s in recipe.steps],
+        "train": recipe.train.fingerprint() if recipe.train else None,
+    }
+    return {name: json_digest(value) for name, value in parts.items()}
+
+
+def checkpoint_dirs(recipe: Recipe) -> list[str]:
+    """The checkpoint directories a recipe writes to (train.checkpoint, then the top-level one), each once."""
+    dirs = [spec.dir for spec in (recipe.train.checkpoint if recipe.train else None, recipe.checkpoint) if spec]
+    return list(dict.fromkeys(dirs))
+
+
+def check_checkpoint_dirs(recipe: Recipe) -> list[str]:
+    """Problems with the recipe's checkpoint directories: a file, a directory compressx did not create, or one
+    that is, holds or sits inside the export directory (an export replaces its whole directory)."""
+    problems = [f"checkpoint: {problem}" for d in checkpoint_dirs(recipe) if (problem := check_checkpoint_dir(d))]
+    if recipe.export:
+        export = Path(recipe.export.dir).resolve()
+        for directory in checkpoint_dirs(recipe):
+            resolved = Path(directory).resolve()
+            if resolved == export or export in resolved.parents or resolved in export.parents:
+                problems.append(
+                    f"checkpoint: {directory} overlaps export.dir {recipe.export.dir}; keep checkpoints apart from "
+                    "the export"
+                )
+    return problems
 
 
 def _apply_override(cfg: Any, override: str) -> None:
@@ -297,6 +345,7 @@ def check_recipe(recipe: Recipe, overwrite: bool = False) -> None:
         problem = check_export_target(recipe.export, overwrite)
         if problem:
             problems.append(problem)
+    problems += check_checkpoint_dirs(recipe)
     if recipe.model is None:
         problems.append("model: a recipe run from the CLI needs a model block")
         raise RecipeError(problems, recipe.source)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
+from compressx.checkpoint import LayerCheckpoints
 from compressx.config import PassConfig
 from compressx.errors import RegistryError, unknown_name_message
 
@@ -45,12 +46,15 @@ class PassContext:
     ``original_weights`` maps each target's name to a CPU copy of its weight taken before the first step of the
     ``apply`` call ran — only for a step whose config has ``needs_original_weights = True`` (e.g. DSnoT refining
     the mask an earlier step left, which needs the dense values back).
+    ``checkpoint``, when the run keeps checkpoints, is where a layer-by-layer pass saves each pruned layer and
+    resumes from (``compressx.layerwise.prune_layer_by_layer``).
     """
 
     targets: dict[str, nn.Module]
     calibration: Any = None
     progress: bool = True
     original_weights: dict[str, Any] | None = None
+    checkpoint: LayerCheckpoints | None = None
 
 
 @dataclasses.dataclass

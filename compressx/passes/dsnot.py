@@ -37,7 +37,7 @@ Touches: the ``weight`` of the targeted ``Linear`` modules inside the decoder la
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -278,7 +278,8 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
             if config.nm and not bool((keep.reshape(-1, config.nm[1]).sum(dim=1) == config.nm[0]).all()):
                 raise ConfigError(f"init: previous, but the mask of '{name}' is not {config.pattern}", "pattern")
 
-    def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> None:
+    def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> dict[str, Any]:
+        layer_refined = {}  # this layer's part of the report: returned, so that layer checkpoints keep it
         for name, linear in linears.items():
             s = stats[name]
             if config.init == "previous":
@@ -297,15 +298,18 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
                 init_score=score,
             )  # fmt: skip
             linear.weight.copy_(result.weight.to(linear.weight.dtype))
-            refined[f"layers.{index}.{name}"] = {
+            layer_refined[f"layers.{index}.{name}"] = {
                 "mean_abs_error_before": result.error_before.abs().mean().item(),
                 "mean_abs_error_after": result.error_after.abs().mean().item(),
                 "mean_swaps_per_row": result.swaps.float().mean().item(),
             }
+        refined.update(layer_refined)
+        return layer_refined
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=config.init == "sparsegpt",
-        batch_size=config.batch_size, device=config.device, progress=ctx.progress,
+        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        on_restore=lambda index, layer_refined: refined.update(layer_refined),
     )  # fmt: skip
     report = sparsity_report(counts)
     before = sum(r["mean_abs_error_before"] for r in refined.values())

@@ -183,6 +183,6 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=True, batch_size=config.batch_size,
-        device=config.device, progress=ctx.progress,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

@@ -94,6 +94,6 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, batch_size=config.batch_size, device=config.device,
-        progress=ctx.progress,
+        progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

@@ -292,7 +292,8 @@ def _save_locked(target: Path, overwrite: bool, write: Callable[[Path], int]) ->
     """With the target's lock held: clean up after killed runs, check the target, write into a temporary
     directory with ``write`` and move it into place. Returns the manifest's SHA-256 and the number of files."""
     _recover(target)
-    if os.path.lexists(target):
+    replace = os.path.lexists(target)
+    if replace:
         if not overwrite:
             raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         problem = overwrite_problem(target)
@@ -304,7 +305,7 @@ def _save_locked(target: Path, overwrite: bool, write: Callable[[Path], int]) ->
         digest = _sha256(tmp / MANIFEST)
         _set_permissions(tmp)
         fsync_tree(tmp)
-        _commit(tmp, target)
+        _commit(tmp, target, replace)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, (OSError, SafetensorError)):  # full disk, file size limit, permissions, ...
@@ -395,15 +396,16 @@ def _write_export(
     return len(files)
 
 
-def _commit(tmp: Path, target: Path) -> None:
+def _commit(tmp: Path, target: Path, replace: bool) -> None:
     """Move the finished export ``tmp`` to ``target``: the target holds the old export or the new one, whole.
 
+    ``replace`` says whether ``target`` held an export (checked, and allowed to be replaced) when the run began.
     No target: a rename that fails, rather than replaces, when something appeared there meanwhile. An old export:
     swapped with the new in one step (``RENAME_EXCHANGE``); without that, the old one is moved aside to
     ``.<name>.old-*`` first and put back on failure, and a run killed between the two renames has it put back by
     the next run on this target (``_recover``).
     """
-    if not os.path.lexists(target):
+    if not replace:
         try:
             rename_noreplace(tmp, target)
         except FileExistsError as err:

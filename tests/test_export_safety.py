@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import compressx
-from compressx import atomic, cli
+from compressx import cli
 from compressx import export as export_mod
 from compressx.errors import ExportError
 from compressx.recipe import check_export_target, parse_recipe
@@ -160,7 +160,7 @@ def test_a_kill_at_any_stage_of_an_overwrite_leaves_a_complete_export(tmp_path, 
 def test_a_kill_before_a_first_export_is_moved_in_leaves_nothing(tmp_path, caplog):
     target = tmp_path / "exp"
     assert _killed(target, "before-commit", 1.0).returncode == -signal.SIGKILL
-    assert not target.exists() and [p.name for p in tmp_path.iterdir()][0].startswith(".exp.partial-")
+    assert not target.exists() and any(p.name.startswith(".exp.partial-") for p in tmp_path.iterdir())
     with caplog.at_level(logging.WARNING, logger="compressx.export"):
         compressx.save(_linear(3.0), target)
     assert "left by an interrupted run" in caplog.text
@@ -196,6 +196,8 @@ def test_a_target_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
 
 
 def test_a_second_writer_of_the_same_target_fails(tmp_path):
+    from compressx import atomic
+
     target = tmp_path / "exp"
     with atomic.target_lock(target, wait=False):  # what a first run holds while it writes
         with pytest.raises(ExportError, match="another compressx run is writing"):
@@ -245,7 +247,8 @@ def test_a_write_error_is_one_export_error_and_the_old_export_is_intact(tmp_path
         raise PermissionError(errno.EACCES, "Permission denied", str(a))
 
     monkeypatch.setattr(export_mod, "_write_weights", failing_write)
-    monkeypatch.setattr(export_mod, "exchange", refused)
+    if error.startswith("EACCES"):
+        monkeypatch.setattr(export_mod, "exchange", refused)
     with pytest.raises(ExportError, match="writing the export to .* failed, nothing was changed there"):
         compressx.save(_linear(2.0), out, overwrite=True)
     assert {p.name: p.read_bytes() for p in Path(out).iterdir()} == before

@@ -491,8 +491,8 @@ def _unlisted_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def overwrite_problem(target: str | os.PathLike) -> str | None:
-    """Why ``target`` may not be replaced by a new export; None when it is absent or a compressx export holding
-    only the files its manifest lists. Used by ``save`` and by the recipe checks, before any work."""
+    """Why ``target`` may not be replaced by a new export; None when it is absent, an empty directory, or a
+    compressx export holding only the files its manifest lists. Used by ``save`` and by the recipe checks."""
     target = Path(target)
     refuse = "--overwrite (overwrite=True) replaces only a compressx export, and"
     keep = "nothing was changed; move or delete it yourself, or choose another export directory"
@@ -502,6 +502,8 @@ def overwrite_problem(target: str | os.PathLike) -> str | None:
         return None
     if not target.is_dir():
         return f"{refuse} {target} is a file; {keep}"
+    if not any(target.iterdir()):  # an empty directory (made ready for the export) holds nothing to lose
+        return None
     try:
         manifest = read_manifest(target)
     except ExportError as err:

@@ -488,3 +488,21 @@ def test_no_pickle_in_the_code():
         if pattern.search(line)
     ]
     assert hits == []
+
+
+def test_a_model_directory_with_only_a_pickle_is_refused(tiny_llama, tmp_path):
+    from compressx.errors import CompressxError
+    from compressx.models import build_model, parse_model_spec
+
+    tiny_llama.save_pretrained(tmp_path / "hf")
+    os.remove(tmp_path / "hf" / "model.safetensors")
+    torch.save(tiny_llama.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    spec = parse_model_spec({"source": "hf", "id": str(tmp_path / "hf"), "kwargs": {"use_safetensors": False}})
+    with pytest.raises(CompressxError, match="cannot build model hf:"):
+        build_model(spec)
+
+
+def test_overwrite_may_replace_an_empty_directory(tmp_path):
+    (tmp_path / "exp").mkdir()
+    compressx.save(_linear(), tmp_path / "exp", overwrite=True)
+    assert _weight(tmp_path / "exp") == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == ["exp"]

@@ -235,7 +235,8 @@ def save(
         recipe: the ``Recipe`` the run came from, written as ``recipe.yaml``.
         eval_results: ``{"before": {...}, "after": {...}}`` metric values.
         tokenizer: saved beside the weights when it has ``save_pretrained`` (transformers tokenizers).
-        overwrite: replace an existing directory.
+        overwrite: replace an existing export: only a compressx export holding nothing but the files its
+            manifest lists (or an empty directory) is replaced, anything else is refused (``overwrite_problem``).
         sparse_format: ``"none"`` (default), ``"bitmask"`` or ``"nm"``: also write ``sparse.safetensors``, the
             sparse weight tensors as non-zero values plus a bitmask, or the N:M ones as kept values plus in-block
             indices (see ``docs/export.md``; reload with ``load_sparse_state_dict``). The dense weights are

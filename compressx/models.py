@@ -146,7 +146,8 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                     else:
                         model = cls._from_config(config, dtype=dtype)
             else:
-                model = cls.from_pretrained(spec.id, dtype=dtype, **spec.kwargs).eval()
+                # safetensors only, never a pickled checkpoint, whatever the kwargs say
+                model = cls.from_pretrained(spec.id, dtype=dtype, **{**spec.kwargs, "use_safetensors": True}).eval()
             family = _family_of(model)
             # Multimodal models get their processor (text + images) where text models get their tokenizer.
             tokenizer = _hf_processor(spec.id) if family == "mllm" else _hf_tokenizer(spec.id)
@@ -167,7 +168,8 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                 # A pipeline is several models; validation only checks that the pipeline config resolves.
                 # Pipeline passes take no targets, so there is nothing to resolve against the modules.
                 return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
-            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **spec.kwargs)
+            kwargs = {**spec.kwargs, "use_safetensors": True}  # never a pickled checkpoint
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:
         raise

@@ -307,9 +307,16 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
 
 def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | None:
     """A problem with the export directory, found before any work is done; None when it is fine."""
+    from compressx.export import overwrite_problem, recover_leftovers
+
     target = Path(export.dir)
-    if target.exists() and not (overwrite or export.overwrite):
-        return f"export.dir: {target} exists; pass --overwrite (or export.overwrite: true) to replace it"
+    recover_leftovers(target)  # a killed run's old export is put back before it is judged
+    if os.path.lexists(target):
+        if not (overwrite or export.overwrite):
+            return f"export.dir: {target} exists; pass --overwrite (or export.overwrite: true) to replace it"
+        problem = overwrite_problem(target)  # the same rule save() applies: only a compressx export is replaced
+        if problem:
+            return f"export.dir: {problem}"
     parent = target.resolve().parent
     while not parent.exists():
         parent = parent.parent

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compressx.config import check_seed
 from compressx.errors import ConfigError, unknown_key_message
 from compressx.images import ImageDataSpec, loader, parse_image_data_spec
 
@@ -148,7 +149,7 @@ def parse_train_spec(block: Any) -> TrainSpec:
         schedule=schedule_name,
         warmup_epochs=warmup,
         label_smoothing=smoothing,
-        seed=_integer(block, "seed", 0, "", 0),
+        seed=check_seed(block.get("seed", 0)),
     )
 
 

@@ -388,6 +388,8 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
         raise RecipeError([f"cannot read YAML: {_yaml_message(err)}"], source) from err
     except OmegaConfBaseException as err:
         raise RecipeError([f"cannot read YAML: {_omegaconf_message(err)}"], source) from err
+    except OSError as err:  # omegaconf's word for a document that is a number or true/false
+        raise RecipeError([f"a recipe is a mapping with keys {', '.join(TOP_KEYS)}; {err}"], source) from err
     for override in overrides:
         try:
             _apply_override(cfg, override)

@@ -140,7 +140,8 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
         model: the model (an ``nn.Module``; a diffusers pipeline for pipeline passes).
         steps: ``StepSpec`` objects or mappings ``{"pass": name | decorated fn, "config": {...} | PassConfig,
             "targets": [...], "ignore": [...]}``.
-        data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor).
+        data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor); unusable data
+            (empty, float token ids, ids outside the vocabulary) raises ``DataError`` before anything changes.
         progress: show progress bars.
 
     Returns:

@@ -18,7 +18,11 @@ built-in trainer (``compressx.trainer``) between preparing the model and finalis
 Every block is validated strictly: an unknown key anywhere is an error naming the file, the path
 (``steps[1].config.sparsty``), the allowed keys and the closest match. Problems are collected, not stopped at the
 first, so one ``compressx validate`` run lists them all. ``check_recipe`` adds the checks that need the model:
-targets resolved against the architecture built on the meta device (no weights, no data read).
+targets resolved against the architecture built on the meta device (no weights, no data read, no code shipped
+with the model run).
+
+A recipe file is read only when it is small UTF-8 YAML of a sane shape (``MAX_RECIPE_BYTES``, ``MAX_YAML_VALUES``
+with aliases expanded, ``MAX_YAML_DEPTH``), checked on the parser's event stream before any tree is built.
 """
 
 from __future__ import annotations

@@ -117,16 +117,17 @@ def check_calibration(model: Any, data: Any) -> str | None:
         if problem is None and data.dim() != 2:
             problem = f"expected [samples, seq_len] token ids, got a tensor of shape {list(data.shape)}"
         return problem
+    if not isinstance(data, dict | list | tuple):
+        return f"expected a token tensor or model-input mappings, got {type(data).__name__}"
     items = [data] if isinstance(data, dict) else data
-    if isinstance(items, list | tuple):
-        if not items:
-            return "the calibration data is an empty list"
-        for i, item in enumerate(items):
-            ids = item.get("input_ids") if isinstance(item, dict) else None
-            if isinstance(ids, torch.Tensor):
-                problem = _check_token_ids(ids, None, f"item {i}'s input_ids")
-                if problem:
-                    return problem
+    if not items:
+        return "the calibration data is an empty list"
+    for i, item in enumerate(items):
+        ids = item.get("input_ids") if isinstance(item, dict) else None
+        if isinstance(ids, torch.Tensor):
+            problem = _check_token_ids(ids, None, f"item {i}'s input_ids")
+            if problem:
+                return problem
     return None
 
 

@@ -276,8 +276,9 @@ def test_bad_export(tmp_path, capsys, command, name, manifest, fragments):
         (torch.full((2, 8), -1), "token ids from -1 to -1"),
         (torch.zeros(16, dtype=torch.long), "expected [samples, seq_len] token ids"),
         ([], "empty list"),
+        ("some text", "expected a token tensor or model-input mappings, got str"),
     ],
-    ids=["empty", "float", "past-vocabulary", "negative", "1-d", "empty-list"],
+    ids=["empty", "float", "past-vocabulary", "negative", "1-d", "empty-list", "text"],
 )
 def test_bad_calibration_data_is_a_data_error(tiny_llama, data, fragment):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}

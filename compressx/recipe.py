@@ -225,7 +225,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     export = None
     raw_export = raw.get("export")
     if raw_export is not None:
-        if not isinstance(raw_export, dict) or not isinstance(raw_export.get("dir"), str):
+        if not isinstance(raw_export, dict) or not isinstance(raw_export.get("dir"), str) or not raw_export["dir"]:
             problems.append(f"export: expected {{dir: <directory>}}, got {raw_export!r}")
         else:
             for key in raw_export:

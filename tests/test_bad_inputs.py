@@ -53,10 +53,11 @@ def recipe(tmp_path):
     """Write BASE with replacements (``old -> new`` pairs) or raw bytes; returns the path."""
 
     def write(*replacements: tuple[str, str], text: str | None = None, raw: bytes | None = None) -> str:
-        body = textwrap.dedent(BASE if text is None else text).replace("EXPORT", str(tmp_path / "out"))
+        body = textwrap.dedent(BASE if text is None else text)
         for old, new in replacements:
             assert old in body, old
             body = body.replace(old, new)
+        body = body.replace("EXPORT", str(tmp_path / "out"))
         path = tmp_path / "recipe.yaml"
         path.write_bytes(raw if raw is not None else body.encode())
         return str(path)
@@ -92,6 +93,7 @@ BAD_VALUES = [
      ["data.calibration.seed", "<= 4294967295"]),
     ("eval-seed-negative", [("split: test, samples: 4", "split: test, seed: -1, samples: 4")],
      ["eval[0].data.seed", ">= 0"]),
+    ("export-dir-empty", [("dir: EXPORT", "dir: ''")], ["export: expected {dir: <directory>}, got {'dir': ''}"]),
     ("targets-empty", [('targets: ["re:.*mlp.*"]', "targets: []")],
      ["steps[0].targets: an empty list selects nothing; omit the key"]),
     ("zoo-kwargs", [("dtype: float32", "dtype: float32, kwargs: {attn_implementation: eager}")],

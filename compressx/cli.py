@@ -147,10 +147,16 @@ def _cmd_load(args: argparse.Namespace) -> int:
         return 0
     recorded = (manifest.get("eval") or {}).get("after") or {}
     try:
-        with open(f"{args.dir}/recipe.yaml") as f:
-            specs = [parse_eval_spec(e) for e in (yaml.safe_load(f) or {}).get("eval", [])]
+        with open(f"{args.dir}/recipe.yaml", encoding="utf-8") as f:
+            recorded_recipe = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        specs = []
+        recorded_recipe = {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CompressxError(f"{args.dir}/recipe.yaml: cannot read it: {' '.join(str(err).split())}") from err
+    evals = recorded_recipe.get("eval") if isinstance(recorded_recipe, dict) else None
+    if not isinstance(evals, list | None):
+        raise CompressxError(f"{args.dir}/recipe.yaml: eval is not a list of metrics")
+    specs = [parse_eval_spec(e) for e in evals or []]
     if not specs:
         raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
     values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)

@@ -266,6 +266,22 @@ def test_bad_export(tmp_path, capsys, command, name, manifest, fragments):
     assert_one_clean_error(*run_cli([command, str(export)], capsys), *fragments)
 
 
+@pytest.mark.parametrize(
+    "recipe_yaml",
+    [b"eval: [\n", b"eval: \xe9\n", b"eval: {metric: perplexity}\n", b"- just a list\n", b"eval: [{metric: [x]}]\n"],
+    ids=["yaml-syntax", "non-utf8", "eval-not-a-list", "not-a-mapping", "metric-list"],
+)
+def test_bad_recipe_in_an_export_is_one_error_from_load_eval(tiny_llama, tmp_path, capsys, recipe_yaml):
+    export = compressx.save(tiny_llama, tmp_path / "exp")
+    (Path(export) / "recipe.yaml").write_bytes(recipe_yaml)
+    capsys.readouterr()  # the export's own progress output
+    code, err = run_cli(["load", export, "--eval", "--no-progress"], capsys)
+    if recipe_yaml.startswith(b"- "):  # no eval recorded: nothing to re-run
+        assert_one_clean_error(code, err, "records no eval to re-run")
+    else:
+        assert_one_clean_error(code, err, "recipe.yaml" if b"metric: [" not in recipe_yaml else "metric")
+
+
 # --- the Python API ---------------------------------------------------------------------------------------------
 
 

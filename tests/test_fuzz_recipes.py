@@ -179,7 +179,7 @@ COMMON = {
 }
 
 
-@settings(max_examples=40, derandomize=True, **COMMON)
+@settings(max_examples=100, derandomize=True, **COMMON)
 @given(mutated_recipe())
 def test_validate_of_a_mutated_recipe_exits_0_or_2(case):
     _validate_never_crashes(case)

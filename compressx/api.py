@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from compressx.checkpoint import CheckpointDir, LayerCheckpoints, tensor_digest
 from compressx.config import PassConfig
-from compressx.errors import RecipeError
+from compressx.errors import DataError, RecipeError
 from compressx.recipe import (
     Recipe,
     StepSpec,
     check_export_target,
     check_recipe,
     check_steps_on_model,
+    check_targets_not_empty,
     checkpoint_dirs,
     parse_step,
     recipe_fingerprint,
@@ -72,11 +73,65 @@ def _as_step(step: StepLike, index: int) -> tuple[StepSpec, PassSpec]:
         config = step.get("config", {})
         config = config if isinstance(config, PassConfig) else spec.config.from_dict(config)
         targets = step.get("targets")
-        return StepSpec(spec.name, config, tuple(targets) if targets else None, tuple(step.get("ignore", ()))), spec
+        check_targets_not_empty(targets, spec, f"steps[{index}]")
+        targets = tuple(targets) if targets is not None else None
+        return StepSpec(spec.name, config, targets, tuple(step.get("ignore", ()))), spec
     if isinstance(step, dict) and isinstance(step.get("config"), PassConfig):
         step = dict(step, config=step["config"].to_dict())
     parsed = parse_step(step, f"steps[{index}]")
     return parsed, get_pass(parsed.pass_name)
+
+
+def _input_vocabulary(model: Any) -> int | None:
+    """The size of the model's input embedding table (a language model's vocabulary), or None when it has none."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
+def _check_token_ids(ids: torch.Tensor, vocabulary: int | None, what: str) -> str | None:
+    if ids.numel() == 0:
+        return f"{what} is empty (shape {list(ids.shape)})"
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        return f"{what} must hold integer token ids (torch.long), got {ids.dtype}"
+    if vocabulary is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocabulary):
+        return (
+            f"{what} holds token ids from {int(ids.min())} to {int(ids.max())}; "
+            f"the model's vocabulary is 0 to {vocabulary - 1}"
+        )
+    return None
+
+
+def check_calibration(model: Any, data: Any) -> str | None:
+    """What makes calibration ``data`` unusable for ``model``, or None.
+
+    A tensor for a language model (a model with an input embedding table) is ``[samples, seq_len]`` token ids in
+    its vocabulary; any tensor must be non-empty. A list of model-input mappings (multimodal prompts) must be
+    non-empty, and their ``input_ids`` integers (not range-checked: some processors use image-token ids past the
+    text vocabulary, which the model replaces before embedding).
+    """
+    vocabulary = _input_vocabulary(model)
+    if isinstance(data, torch.Tensor):
+        if vocabulary is None:
+            return f"the calibration tensor is empty (shape {list(data.shape)})" if data.numel() == 0 else None
+        problem = _check_token_ids(data, vocabulary, "the calibration tensor")
+        if problem is None and data.dim() != 2:
+            problem = f"expected [samples, seq_len] token ids, got a tensor of shape {list(data.shape)}"
+        return problem
+    if not isinstance(data, dict | list | tuple):
+        return f"expected a token tensor or model-input mappings, got {type(data).__name__}"
+    items = [data] if isinstance(data, dict) else data
+    if not items:
+        return "the calibration data is an empty list"
+    for i, item in enumerate(items):
+        ids = item.get("input_ids") if isinstance(item, dict) else None
+        if isinstance(ids, torch.Tensor):
+            problem = _check_token_ids(ids, None, f"item {i}'s input_ids")
+            if problem:
+                return problem
+    return None
 
 
 def _layer_checkpoints(
@@ -110,7 +165,8 @@ def apply(
         model: the model (an ``nn.Module``; a diffusers pipeline for pipeline passes).
         steps: ``StepSpec`` objects or mappings ``{"pass": name | decorated fn, "config": {...} | PassConfig,
             "targets": [...], "ignore": [...]}``.
-        data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor).
+        data: calibration data for passes that need it (e.g. a ``[samples, seq_len]`` token tensor); unusable data
+            (empty, float token ids, ids outside the vocabulary) raises ``DataError`` before anything changes.
         progress: show progress bars.
         checkpoint: an opened checkpoint directory where layer-by-layer passes (wanda, sparsegpt, dsnot) save
             each pruned decoder layer (``compressx.checkpoint``).
@@ -128,6 +184,10 @@ def apply(
     ]
     if problems:
         raise RecipeError(problems, "<steps>")
+    if data is not None and any("calibration" in spec.needs for _, spec in parsed):
+        problem = check_calibration(model, data)
+        if problem:
+            raise DataError(f"data: {problem}")
     # Dense values for steps that refine what an earlier step pruned: copied before anything changes.
     originals = {
         i: {
@@ -278,7 +338,7 @@ def run_recipe(
     from compressx.models import build_model
 
     # Everything that can be checked without weights is checked first: no hour of work before a typo error.
-    check_recipe(recipe, overwrite=overwrite)
+    check_recipe(recipe, overwrite=overwrite, run_model_code=True)  # apply runs model code it is told to trust
     stores = open_checkpoint_dirs(recipe, resume)
     if recipe.train is not None:
         torch.manual_seed(recipe.train.seed)  # the init of a model built from scratch (pretrained: false)

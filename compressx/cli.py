@@ -172,8 +172,15 @@ def _cmd_load(args: argparse.Namespace) -> int:
     recorded = (manifest.get("eval") or {}).get("after") or {}
     specs = []
     if "recipe.yaml" in manifest["files"]:  # verified by load; an unlisted recipe.yaml is never read
-        with open(f"{args.dir}/recipe.yaml") as f:
-            specs = [parse_eval_spec(e) for e in (yaml.safe_load(f) or {}).get("eval", [])]
+        try:
+            with open(f"{args.dir}/recipe.yaml", encoding="utf-8") as f:
+                recorded_recipe = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise CompressxError(f"{args.dir}/recipe.yaml: cannot read it: {' '.join(str(err).split())}") from err
+        evals = recorded_recipe.get("eval") if isinstance(recorded_recipe, dict) else None
+        if not isinstance(evals, list | None):
+            raise CompressxError(f"{args.dir}/recipe.yaml: eval is not a list of metrics")
+        specs = [parse_eval_spec(e) for e in evals or []]
     if not specs:
         raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
     values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)

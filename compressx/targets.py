@@ -7,6 +7,12 @@ A pattern is one of:
 * a module class name (``Linear``, ``LlamaDecoderLayer``) — every module of that class;
 * otherwise an exact module name (``lm_head``, ``model.layers.0.self_attn.q_proj``).
 
+A ``re:`` regex is matched with the ``regex`` package (already required by transformers; ``re``-compatible
+syntax) under a time budget of ``REGEX_SECONDS`` per pattern over all module names. Python's ``re`` backtracks
+without bound and cannot be interrupted, so a pattern such as ``(.*.*)*(x+x+)+y`` would hang; refusing nested
+quantifiers instead would also refuse harmless patterns, and running the match in a subprocess costs a process
+per pattern. A pattern that runs out of time is an error asking for a simpler one.
+
 A selected module stands for itself and everything inside it; the pass then keeps the modules of the types it
 supports (e.g. ``Linear``/``Conv``). A module is ignored when it, or a module containing it, matches an
 ``ignore`` pattern. Every pattern must match at least one module, and the final selection must not be empty:
@@ -16,9 +22,10 @@ a typo never turns into a silent no-op.
 from __future__ import annotations
 
 import fnmatch
-import re
+import time
 from collections.abc import Sequence
 
+import regex
 import torch.nn as nn
 
 from compressx.errors import TargetError, closest
@@ -26,15 +33,33 @@ from compressx.errors import TargetError, closest
 _GLOB_CHARS = set("*?[")
 
 
+REGEX_SECONDS = 1.0  # legitimate patterns take microseconds per module name
+
+
+def _regex_matcher(expression: str, where: str):
+    try:
+        compiled = regex.compile(expression)
+    except (regex.error, OverflowError, RecursionError) as err:
+        raise TargetError(f"{where}: bad regex {expression!r}: {err}") from err
+    deadline = time.monotonic() + REGEX_SECONDS
+
+    def match(name: str, module: nn.Module) -> bool:
+        try:
+            return compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
+        except TimeoutError as err:
+            raise TargetError(
+                f"{where}: regex {expression!r} took over {REGEX_SECONDS:g} s to match the module names: it backtracks"
+                " without bound (nested quantifiers such as (a+)+ or (.*)*); write a simpler one"
+            ) from err
+
+    return match
+
+
 def _matcher(pattern: str, where: str):
     if not isinstance(pattern, str) or not pattern:
         raise TargetError(f"{where}: a pattern must be a non-empty string, got {pattern!r}")
     if pattern.startswith("re:"):
-        try:
-            regex = re.compile(pattern[3:])
-        except re.error as err:
-            raise TargetError(f"{where}: bad regex {pattern[3:]!r}: {err}") from err
-        return lambda name, module: regex.fullmatch(name) is not None
+        return _regex_matcher(pattern[3:], where)
     if _GLOB_CHARS & set(pattern):
         return lambda name, module: fnmatch.fnmatchcase(name, pattern)
     return lambda name, module: name == pattern or type(module).__name__ == pattern

@@ -51,6 +51,7 @@ from compressx.checkpoint import (
     parse_checkpoint_spec,
     split_tensors,
 )
+from compressx.config import check_seed
 from compressx.errors import CheckpointError, ConfigError, unknown_key_message
 from compressx.images import ImageDataSpec, loader, parse_image_data_spec
 
@@ -180,7 +181,7 @@ def parse_train_spec(block: Any) -> TrainSpec:
         schedule=schedule_name,
         warmup_epochs=warmup,
         label_smoothing=smoothing,
-        seed=_integer(block, "seed", 0, "", 0),
+        seed=check_seed(block.get("seed", 0)),
         checkpoint=checkpoint,
     )
 

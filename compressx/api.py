@@ -21,7 +21,7 @@ from compressx.config import PassConfig
 from compressx.errors import RecipeError
 from compressx.recipe import Recipe, StepSpec, check_export_target, check_recipe, check_steps_on_model, parse_step
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
-from compressx.targets import select_targets
+from compressx.targets import select_step_targets
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
     """
     parsed = [_as_step(step, i) for i, step in enumerate(steps)]
-    problems = check_steps_on_model(model, parsed) if isinstance(model, nn.Module) else []
+    problems = check_steps_on_model(model, parsed)
     problems += [
         f"steps[{i}]: pass '{spec.name}' needs calibration data: pass data=..."
         for i, (_, spec) in enumerate(parsed)
@@ -98,8 +98,8 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
     originals = {
         i: {
             name: module.weight.detach().to("cpu", copy=True)
-            for name, module in select_targets(
-                model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]"
+            for name, module in select_step_targets(
+                model, step.targets or None, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
             ).items()
         }
         for i, (step, spec) in enumerate(parsed)
@@ -109,7 +109,9 @@ def apply(model: nn.Module, steps: Sequence[StepLike], data: Any = None, *, prog
     for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
         # Targets are resolved again here: an earlier step may have replaced modules.
         targets = (
-            select_targets(model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]")
+            select_step_targets(
+                model, step.targets or None, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
+            )
             if spec.takes_targets
             else {}
         )

@@ -36,6 +36,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compressx.errors import CompressxError
+from compressx.ops.sparsity import check_finite
+from compressx.targets import weight_matrix
 
 # model_type (transformers config) -> dotted path of the ModuleList of decoder layers
 DECODER_LAYERS: dict[str, str] = {
@@ -43,10 +45,14 @@ DECODER_LAYERS: dict[str, str] = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
     "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
 }
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
-MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}
+MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)
 
 
@@ -62,6 +68,17 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     path = DECODER_LAYERS[model_type]
     layers = model.get_submodule(path)
     return path, layers
+
+
+def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
+    """``register_pass(check_model=...)`` of the layer-wise passes: why ``model``'s decoder layers cannot be found."""
+    if not isinstance(model, nn.Module):
+        return [f"layer-by-layer calibration needs a torch model, got {type(model).__name__}"]
+    try:
+        decoder_layers(model)
+    except (CompressxError, AttributeError) as err:
+        return [str(err)]
+    return []
 
 
 def is_mlp(model: nn.Module, relative_name: str) -> bool:
@@ -258,7 +275,8 @@ def capture_layer_inputs(
     return hiddens, kwargs_list
 
 
-PruneLayer = Callable[[int, dict[str, nn.Linear], dict[str, LinearStats]], None]
+# prune_layer(index, modules, stats): modules are Linear or Conv1D; prune ``compressx.targets.weight_matrix(m)``
+PruneLayer = Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], None]
 
 
 @torch.no_grad()
@@ -317,7 +335,7 @@ def prune_layer_by_layer(
             prefix = f"{path}.{index}."
             linears = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
             if linears:
-                stats = {name: LinearStats(m.in_features, with_hessian) for name, m in linears.items()}
+                stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
                 hooks = [
                     m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
                     for name, m in linears.items()
@@ -329,9 +347,11 @@ def prune_layer_by_layer(
                     for hook in hooks:
                         hook.remove()
                 release_freed_memory()  # the forwards' temporaries, before the pruning's own
+                check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
                 with contextlib.ExitStack() as onloaded:
                     for module in offloaded:
                         onloaded.enter_context(align_module_device(module, device))
+                    check_finite({prefix + n: m.weight for n, m in linears.items()})
                     prune_layer(index, linears, stats)
                     for name, linear in linears.items():
                         counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())

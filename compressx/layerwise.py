@@ -347,11 +347,12 @@ def prune_layer_by_layer(
                     for hook in hooks:
                         hook.remove()
                 release_freed_memory()  # the forwards' temporaries, before the pruning's own
-                check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
                 with contextlib.ExitStack() as onloaded:
                     for module in offloaded:
                         onloaded.enter_context(align_module_device(module, device))
+                    # a weight's own NaN/Inf first: it also spoils the inputs of the modules after it
                     check_finite({prefix + n: m.weight for n, m in linears.items()})
+                    check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
                     prune_layer(index, linears, stats)
                     for name, linear in linears.items():
                         counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())

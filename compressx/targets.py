@@ -217,9 +217,18 @@ def select_targets(
     if not chosen:
         kinds = ", ".join(t.__name__ for t in target_types)
         where_from = f"the default targets ({', '.join(targets)})" if defaulted and targets else "the selection"
+        # weight modules this pass cannot change, so that the error says why a GPT-2 or MoE selection is "empty"
+        others = sorted(
+            {
+                type(m).__name__
+                for name, m in model.named_modules()
+                if isinstance(m, SPECIAL_WEIGHT_KINDS) and not isinstance(m, target_types) and _inside(name, roots)
+            }
+        )
         raise TargetError(
             f"{prefix}targets: {where_from} holds no module of a supported type ({kinds})"
             + (" once 'ignore' is applied" if ignored else "")
+            + (f"; it holds {', '.join(others)} modules, which this pass cannot change" if others else "")
         )
     return chosen
 

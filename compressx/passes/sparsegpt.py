@@ -95,7 +95,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp
 
 def sparsegpt_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT's saliency ``W^2 / diag(U)^2`` of the dense weights (used by DSnoT to rank within N:M groups)."""
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
     u = inverse_hessian_factor(hessian, w, percdamp)
     return w.pow(2) / torch.diag(u).pow(2)[None, :]
 
@@ -119,7 +119,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[rows, cols]`` with SparseGPT; returns ``(new_weight, keep_mask)`` (input not modified)."""
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
     rows, cols = w.shape
     u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
     pruned = torch.zeros_like(w, dtype=torch.bool)

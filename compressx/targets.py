@@ -100,21 +100,28 @@ class TransposedLinear(metaclass=_ModuleKind):
 
 
 class FusedExperts(metaclass=_ModuleKind):
-    """A module holding the weights of several experts in 3-D parameters ``[experts, out, in]`` (``[experts, in,
-    out]`` when it declares ``is_transposed``, as transformers' ``@use_experts_implementation`` modules do)."""
+    """A module holding the weights of its ``num_experts`` experts in 3-D parameters ``[experts, out, in]``
+    (``[experts, in, out]`` when it declares ``is_transposed``, as transformers' ``@use_experts_implementation``
+    modules do)."""
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return False
-        return any(p.dim() == 3 for p in module.parameters(recurse=False))
+        # An experts module says how many experts it holds; other 3-D parameters (a ViT's pos_embed) are not weights.
+        experts = getattr(module, "num_experts", None)
+        return isinstance(experts, int) and any(
+            p.dim() == 3 and p.shape[0] == experts for p in module.parameters(recurse=False)
+        )
 
 
 def weight_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     """The weight parameters a sparsity pass changes in ``module``, by the name a report gives them: the module's
     name for a Linear / Conv / ``Conv1D`` (its ``weight``), ``name.param`` for each 3-D parameter of fused experts."""
     if isinstance(module, FusedExperts):
-        return {f"{name}.{p}": w for p, w in module.named_parameters(recurse=False) if w.dim() == 3}
+        return {
+            f"{name}.{p}": w
+            for p, w in module.named_parameters(recurse=False)
+            if w.dim() == 3 and w.shape[0] == module.num_experts
+        }
     return {name: module.weight}
 
 

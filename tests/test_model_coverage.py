@@ -15,6 +15,8 @@ from transformers import (
     MixtralForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 import compressx
@@ -50,6 +52,19 @@ def make_qwen_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
                             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                             decoder_sparse_step=1)  # fmt: skip
     model = Qwen2MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FusedExperts):
+                for param in module.parameters(recurse=False):
+                    param.normal_(0, 0.05)
+    return model
+
+
+def make_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(**SMALL, head_dim=8, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                            num_experts_per_tok=2, decoder_sparse_step=1)  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, FusedExperts):
@@ -173,7 +188,7 @@ def test_training_pass_refuses_conv1d_it_cannot_change():
 # ---- fused MoE experts: pruned per expert by magnitude, refused by the calibration passes --------------------
 
 
-MOE = {"mixtral": make_mixtral, "qwen2_moe": make_qwen_moe}
+MOE = {"mixtral": make_mixtral, "qwen2_moe": make_qwen_moe, "qwen3_moe": make_qwen3_moe}
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -210,6 +225,21 @@ def test_moe_calibration_passes_refuse_fused_experts_by_name_and_prune_the_rest(
     result = compressx.apply(model, [step(key, ignore=["re:.*\\.experts"])], tokens(), progress=False)
     assert not any("experts" in k for k in result.steps[0].report["per_module"])
     census_matches_report(model, result, tmp_path)
+
+
+def test_other_3d_parameters_are_not_mistaken_for_experts():
+    class TinyViT(torch.nn.Module):  # a ViT keeps pos_embed [1, tokens, dim] on the model itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.randn(1, 5, 8))
+            self.body = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 8)
+
+    model = TinyViT()
+    pos_embed = model.pos_embed.detach().clone()
+    result = compressx.apply(model, [{"pass": "magnitude"}], progress=False)
+    assert torch.equal(model.pos_embed, pos_embed) and list(result.steps[0].report["per_module"]) == ["body", "head"]
+    compressx.prepare(TinyViT(), "sr_ste", {"pattern": "2:4"}).remove()  # no "fused experts" error
 
 
 # ---- NaN / Inf -----------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def is_causal_lm(model: nn.Module) -> bool:
     name = type(model).__name__
     if name.endswith("ForCausalLM"):
         return True
+    if name.endswith("ForConditionalGeneration"):
+        return False  # multimodal (some are in the causal-LM mapping, e.g. Gemma 3): compressx's mllm family
     if getattr(getattr(model, "config", None), "model_type", None) is None:
         return False  # not a transformers model
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

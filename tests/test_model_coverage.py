@@ -150,6 +150,17 @@ def test_gpt2_nm_blocks_run_along_the_input_dimension_of_the_conv1d_weight():
     assert not ((stored.reshape(-1, 4) != 0).sum(dim=1) == 2).all()  # blocks along the output would not be 2:4
 
 
+def test_gpt2_dsnot_refines_the_previous_step_mask_of_conv1d_weights():
+    model = make_gpt2()
+    steps = [step("wanda"), {"pass": "dsnot", "config": {"init": "previous", "refine_mlp": True}}]
+    result = compressx.apply(model, steps, tokens(), progress=False)
+    assert result.steps[1].report["refined_modules"] == 8
+    assert result.steps[1].report["sparsity"] == result.steps[0].report["sparsity"]  # swaps keep every row's count
+    for name in result.steps[1].targets:
+        matrix = model.get_submodule(name).weight.detach().t()
+        assert ((matrix == 0).sum(dim=1) == matrix.shape[1] // 2).all(), name
+
+
 def test_gpt2_tied_lm_head_is_refused_when_targeted():
     model = make_gpt2()
     with pytest.raises(RecipeError) as err:

@@ -335,8 +335,13 @@ def check_recipe(recipe: Recipe, overwrite: bool = False) -> None:
             for i, s in enumerate(recipe.steps)
             if get_pass(s.pass_name).kind != "pipeline"
         ]
-    if not family_problems:  # a pass on the wrong family would only add its own version of the same refusal
-        problems += check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
+    # A step on the wrong family would only add its own version of the same refusal: keep the family problem.
+    wrong_family = tuple(p.split(":", 1)[0] for p in family_problems)  # "steps[i]"
+    problems += [
+        p
+        for p in check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
+        if not p.startswith(tuple(f"{w}{sep}" for w in wrong_family for sep in ":."))
+    ]
     for i, step in enumerate(recipe.steps):
         if "calibration" in get_pass(step.pass_name).needs and recipe.calibration is None:
             problems.append(f"steps[{i}]: pass '{step.pass_name}' needs calibration data: add data.calibration")

@@ -294,6 +294,7 @@ def unsupported_problems(
                 f"module(s) ({', '.join(params[:4])}{', ...' if len(params) > 4 else ''}); add them to ignore "
                 + (f"(e.g. 're:.*\\.{names[0].rsplit('.', 1)[-1]}') " if names else "")
                 + "to leave them dense"
+                + ("; magnitude prunes fused experts per expert" if "fused expert parameters" in kinds else "")
             )
     owners: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):

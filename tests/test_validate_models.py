@@ -47,6 +47,13 @@ def test_vtw_on_a_plain_lm_is_refused_by_its_families(tmp_path):
     assert problems is not None and "pass 'vtw' applies to mllm models; this model is llm" in problems
 
 
+def test_a_family_problem_does_not_hide_the_other_steps_problems(tmp_path):
+    steps = [{"pass": "magnitude", "targets": ["lm_head"]}, {"pass": "vtw", "config": {"layer": 1}}]
+    problems = validate({"source": "hf", "id": tiny_gpt2(tmp_path)}, steps)
+    assert problems is not None and "2 problem(s)" in problems
+    assert "steps[0]: module 'lm_head' shares its weight" in problems and "steps[1]: pass 'vtw' applies" in problems
+
+
 def test_wanda_on_a_cnn_is_refused_by_its_families():
     problems = validate({"source": "zoo", "id": "resnet_digits"}, [{"pass": "wanda"}], data=CALIBRATION)
     assert problems is not None and "pass 'wanda' applies to llm models; this model is cnn" in problems
@@ -65,6 +72,18 @@ def test_gpt2_tied_lm_head_is_refused_by_validate(tmp_path):
     steps = [{"pass": "magnitude", "targets": ["lm_head"]}]
     problems = validate({"source": "hf", "id": tiny_gpt2(tmp_path)}, steps)
     assert problems is not None and "tied" in problems and "transformer.wte.weight" in problems
+
+
+@pytest.mark.parametrize("pass_name", ["wanda", "sparsegpt", "dsnot"])
+def test_calibration_passes_on_fused_moe_experts_are_refused_by_validate(pass_name, tmp_path):
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    model = {"source": "hf", "id": hf_dir(tmp_path, config)}
+    problems = validate(model, [{"pass": pass_name}], data=CALIBRATION)
+    assert problems is not None and "fused expert parameters" in problems
+    assert "model.layers.0.mlp.experts.gate_up_proj" in problems
+    assert validate(model, [{"pass": pass_name, "ignore": ["re:.*\\.experts"]}], data=CALIBRATION) is None
+    assert validate(model, [{"pass": "magnitude"}]) is None  # magnitude prunes them per expert
 
 
 # ---- vtw / fastv on multimodal models they cannot hook ------------------------------------------------------------

@@ -32,7 +32,7 @@ from compressx.recipe import (
     recipe_fingerprint,
 )
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
-from compressx.targets import select_targets
+from compressx.targets import select_step_targets
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def apply(
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
     """
     parsed = [_as_step(step, i) for i, step in enumerate(steps)]
-    problems = check_steps_on_model(model, parsed) if isinstance(model, nn.Module) else []
+    problems = check_steps_on_model(model, parsed)
     problems += [
         f"steps[{i}]: pass '{spec.name}' needs calibration data: pass data=..."
         for i, (_, spec) in enumerate(parsed)
@@ -192,8 +192,8 @@ def apply(
     originals = {
         i: {
             name: module.weight.detach().to("cpu", copy=True)
-            for name, module in select_targets(
-                model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]"
+            for name, module in select_step_targets(
+                model, step.targets or None, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
             ).items()
         }
         for i, (step, spec) in enumerate(parsed)
@@ -203,7 +203,9 @@ def apply(
     for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):
         # Targets are resolved again here: an earlier step may have replaced modules.
         targets = (
-            select_targets(model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]")
+            select_step_targets(
+                model, step.targets or None, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
+            )
             if spec.takes_targets
             else {}
         )

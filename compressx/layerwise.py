@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from compressx.checkpoint import LayerCheckpoints
 from compressx.errors import CompressxError
+from compressx.ops.sparsity import check_finite
+from compressx.targets import weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,14 @@ DECODER_LAYERS: dict[str, str] = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
     "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
 }
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
-MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}
+MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)
 
 
@@ -71,6 +77,17 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     path = DECODER_LAYERS[model_type]
     layers = model.get_submodule(path)
     return path, layers
+
+
+def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
+    """``register_pass(check_model=...)`` of the layer-wise passes: why ``model``'s decoder layers cannot be found."""
+    if not isinstance(model, nn.Module):
+        return [f"layer-by-layer calibration needs a torch model, got {type(model).__name__}"]
+    try:
+        decoder_layers(model)
+    except (CompressxError, AttributeError) as err:
+        return [str(err)]
+    return []
 
 
 def is_mlp(model: nn.Module, relative_name: str) -> bool:
@@ -267,15 +284,16 @@ def capture_layer_inputs(
     return hiddens, kwargs_list
 
 
-# Prunes a layer's Linears in place; may return what it decided about them (JSON), kept in layer checkpoints.
-PruneLayer = Callable[[int, dict[str, nn.Linear], dict[str, LinearStats]], dict[str, Any] | None]
+# prune_layer(index, modules, stats): modules are Linear or Conv1D; it prunes ``compressx.targets.weight_matrix(m)``
+# in place and may return what it decided about them (JSON), kept in layer checkpoints.
+PruneLayer = Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], dict[str, Any] | None]
 
 
 def _restore_layer(
     checkpoint: LayerCheckpoints | None,
     index: int,
     layer: nn.Module,
-    linears: dict[str, nn.Linear],
+    linears: dict[str, nn.Module],
     offloaded: list[nn.Module],
     device: torch.device,
     counts: dict[str, tuple[int, int]],
@@ -308,7 +326,7 @@ def _restore_layer(
     return info
 
 
-def _save_layer(checkpoint: LayerCheckpoints | None, index: int, linears: dict[str, nn.Linear], info: Any) -> None:
+def _save_layer(checkpoint: LayerCheckpoints | None, index: int, linears: dict[str, nn.Module], info: Any) -> None:
     if checkpoint is not None:
         checkpoint.save(index, {name: linear.weight for name, linear in linears.items()}, info)
 
@@ -379,7 +397,7 @@ def prune_layer_by_layer(
             if restored is not None and on_restore is not None:
                 on_restore(index, restored)
             if linears and restored is None:
-                stats = {name: LinearStats(m.in_features, with_hessian) for name, m in linears.items()}
+                stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
                 hooks = [
                     m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
                     for name, m in linears.items()
@@ -394,6 +412,9 @@ def prune_layer_by_layer(
                 with contextlib.ExitStack() as onloaded:
                     for module in offloaded:
                         onloaded.enter_context(align_module_device(module, device))
+                    # a weight's own NaN/Inf first: it also spoils the inputs of the modules after it
+                    check_finite({prefix + n: m.weight for n, m in linears.items()})
+                    check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
                     info = prune_layer(index, linears, stats)
                     for name, linear in linears.items():
                         counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())

@@ -109,8 +109,10 @@ def _hf_class(spec: ModelSpec):
 
 
 def _family_of(model: Any) -> str:
+    from compressx.targets import is_causal_lm
+
     name = type(model).__name__
-    if name.endswith("ForCausalLM"):
+    if isinstance(model, nn.Module) and is_causal_lm(model):  # GPT2LMHeadModel too, not only *ForCausalLM
         return "llm"
     if "Llava" in name or name.endswith("ForConditionalGeneration"):
         return "mllm"

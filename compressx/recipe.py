@@ -46,7 +46,7 @@ from compressx.errors import CompressxError, ConfigError, RecipeError, TargetErr
 from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
 from compressx.models import ModelSpec, build_model, parse_model_spec
 from compressx.registry import PassSpec, get_pass
-from compressx.targets import select_targets
+from compressx.targets import select_step_targets, unsupported_problems
 from compressx.trainer import TrainSpec, parse_train_spec
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
@@ -487,21 +487,43 @@ def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | No
     return None
 
 
-def check_steps_on_model(model: nn.Module, steps: Sequence[tuple[StepSpec, PassSpec]]) -> list[str]:
-    """Resolve every step's targets on ``model`` (a meta model will do) and run the passes' shape checks."""
+def check_steps_on_model(model: Any, steps: Sequence[tuple[StepSpec, PassSpec]]) -> list[str]:
+    """Resolve every step's targets on ``model`` (a meta model will do) and run the passes' model and shape checks.
+
+    ``model`` is an ``nn.Module``, or, for pipeline passes, a pipeline or its ``model_index.json`` mapping.
+    """
     problems = []
     for i, (step, spec) in enumerate(steps):
-        if not spec.takes_targets:
+        if spec.check_model:
+            problems += [f"steps[{i}]: {p}" for p in spec.check_model(model, step.config)]
+        if not spec.takes_targets or not isinstance(model, nn.Module):
             continue
+        targets = step.targets or None
         try:
-            chosen = select_targets(
-                model, step.targets or spec.default_targets, step.ignore, spec.target_types, f"steps[{i}]"
+            chosen = select_step_targets(
+                model, targets, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
             )
         except TargetError as err:
             problems.append(str(err))
             continue
+        unsupported = unsupported_problems(
+            model, chosen, targets, step.ignore, spec.target_types, spec.name, spec.default_targets
+        )
+        problems += [f"steps[{i}]: {p}" for p in unsupported]
         if spec.check:
             problems += [f"steps[{i}]: {p}" for p in spec.check(chosen, step.config)]
+    return problems
+
+
+def check_families(family: str, steps: Sequence[StepSpec]) -> list[str]:
+    """A problem per step whose pass does not declare the model's family (``any``: a model compressx cannot place)."""
+    problems = []
+    for i, step in enumerate(steps):
+        families = get_pass(step.pass_name).families
+        if family not in families:
+            problems.append(
+                f"steps[{i}]: pass '{step.pass_name}' applies to {', '.join(families)} models; this model is {family}"
+            )
     return problems
 
 
@@ -531,14 +553,21 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         else:
             problems.append(f"model: {err}")
         raise RecipeError(problems, recipe.source) from err
-    if isinstance(loaded.model, nn.Module):
-        problems += check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
-    else:
+    family_problems = check_families(loaded.family, recipe.steps)
+    problems += family_problems
+    if not isinstance(loaded.model, nn.Module):
         problems += [
             f"steps[{i}]: pass '{s.pass_name}' changes torch modules; a {recipe.model.source} pipeline is not one"
             for i, s in enumerate(recipe.steps)
             if get_pass(s.pass_name).kind != "pipeline"
         ]
+    # A step on the wrong family would only add its own version of the same refusal: keep the family problem.
+    wrong_family = tuple(p.split(":", 1)[0] for p in family_problems)  # "steps[i]"
+    problems += [
+        p
+        for p in check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
+        if not p.startswith(tuple(f"{w}{sep}" for w in wrong_family for sep in ":."))
+    ]
     for i, step in enumerate(recipe.steps):
         if "calibration" in get_pass(step.pass_name).needs and recipe.calibration is None:
             problems.append(f"steps[{i}]: pass '{step.pass_name}' needs calibration data: add data.calibration")

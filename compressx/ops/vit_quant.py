@@ -20,6 +20,7 @@ passes share (the quantizers themselves are in ``compressx.ops.quant``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -35,9 +36,9 @@ from compressx.ops.quant import (
     SULQ,
     LogQuantizer,
     QuantConv2d,
+    Quantizer,
     QuantLinear,
     QuantMatMul,
-    Quantizer,
     UniformQuantizer,
     quantizers,
 )
@@ -72,7 +73,17 @@ def _is_timm_vit(module: nn.Module) -> bool:
 
 def _is_hf_vit(module: nn.Module) -> bool:
     name = type(module).__name__
-    return name in ("ViTModel", "DeiTModel") and hasattr(module, "encoder") and hasattr(module, "embeddings")
+    return name in ("ViTModel", "DeiTModel") and hasattr(module, "embeddings") and _hf_layers(module) is not None
+
+
+def _hf_layers(vit: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The transformer layers of a transformers ViT/DeiT model (``layers``, or ``encoder.layer`` in older releases)."""
+    if isinstance(getattr(vit, "layers", None), nn.ModuleList):
+        return "layers", vit.layers
+    encoder = getattr(vit, "encoder", None)
+    if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return "encoder.layer", encoder.layer
+    return None
 
 
 def find_layout(model: nn.Module) -> ViTLayout:
@@ -95,9 +106,7 @@ def _timm_layout(vit: nn.Module, dot: str) -> ViTLayout:
     blocks, pairs, attentions = [], [], []
     for i, block in enumerate(vit.blocks):
         name = f"{dot}blocks.{i}"
-        if type(getattr(block, "attn", None)) is not Attention or not isinstance(
-            getattr(block, "norm1"), nn.LayerNorm
-        ):
+        if type(getattr(block, "attn", None)) is not Attention or not isinstance(block.norm1, nn.LayerNorm):
             raise CompressxError(
                 f"{name}: only timm blocks with the standard Attention and LayerNorm are supported "
                 f"(got {type(getattr(block, 'attn', None)).__name__}); supported: {', '.join(SUPPORTED_MODELS)}"
@@ -112,8 +121,9 @@ def _timm_layout(vit: nn.Module, dot: str) -> ViTLayout:
 
 def _hf_layout(model: nn.Module, vit: nn.Module, dot: str) -> ViTLayout:
     blocks, pairs, attentions = [], [], []
-    for i, layer in enumerate(vit.encoder.layer):
-        name = f"{dot}encoder.layer.{i}"
+    where, layers = _hf_layers(vit)
+    for i, layer in enumerate(layers):
+        name = f"{dot}{where}.{i}"
         attn = layer.attention
         if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
             raise CompressxError(
@@ -360,10 +370,8 @@ def capture(
     device = next(model.parameters()).device
     try:
         for start in range(0, len(images), batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(images[start : start + batch_size].to(device))
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return torch.cat(inputs), torch.cat(outputs)

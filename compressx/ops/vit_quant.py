@@ -181,6 +181,11 @@ def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask: tor
 _ATTENTION_FORWARDS = {"timm_vit": _timm_attention_forward, "hf_vit": _hf_attention_forward}
 
 
+def attention_forward(attn: nn.Module, family: str) -> None:
+    """Bind the quantized-matmul forward of ``family`` to this attention instance (its class is untouched)."""
+    attn.forward = types.MethodType(_ATTENTION_FORWARDS[family], attn)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Wrapping
 
@@ -278,7 +283,7 @@ def wrap(model: nn.Module, layout: ViTLayout, settings: QuantSettings) -> Quanti
             )
         else:
             attn.matmul_qk, attn.matmul_av = QuantMatMul(None, None), QuantMatMul(None, None)
-        attn.forward = types.MethodType(_ATTENTION_FORWARDS[layout.family], attn)
+        attention_forward(attn, layout.family)
         handle.attentions.append(name)
     return handle
 

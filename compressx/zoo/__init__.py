@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits
+from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, vit_digits
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ MEMBERS: dict[str, ZooMember] = {
         _member(resnet_digits, "cnn"),
         _member(llava_digits, "mllm", llava_digits.WordTokenizer),
         _member(sd_digits, "diffusion"),
+        _member(vit_digits, "vit"),
     )
 }
 

@@ -1,0 +1,71 @@
+"""Quantized exports: integer codes packed in safetensors, reloaded by compressx.load to identical outputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import compressx
+from compressx.ops.quant import QuantLinear, unpack_codes
+from tests.passes.test_isvit import PASSES, tiny_hf_vit, tiny_timm_vit
+
+
+@pytest.fixture
+def images():
+    return torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, x):
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_timm_export_stores_packed_codes_and_reloads_identically(tmp_path, images, bits):
+    model = tiny_timm_vit()
+    config = {"w_bits": bits, "a_bits": max(bits, 4)}
+    result = compressx.apply(model, [{"pass": "repq_vit", "config": config}], data=images, progress=False)
+    expected = logits(model, images[:8])
+    out = compressx.save(model, tmp_path / "export", result)
+    manifest = json.loads((tmp_path / "export" / "compressx.json").read_text())
+    entry = manifest["model"]
+    assert entry["format"] == "quantized" and entry["weight_bits"] == [bits]
+    assert "quantized.safetensors" in manifest["files"]
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as f:
+        assert "blocks.0.attn.qkv.weight" not in f.keys()  # no float copy of a quantized weight
+        assert "blocks.0.norm1.weight" in f.keys()
+    with safe_open(str(tmp_path / "export" / "quantized.safetensors"), framework="pt") as f:
+        packed = f.get_tensor("blocks.0.attn.qkv.qweight")
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-96 * 32 * bits // 8)
+    assert int(unpack_codes(packed, bits, (96, 32)).max()) <= 2**bits - 1
+    if bits == 4:
+        assert 0.25 <= entry["sizes"]["ratio_to_fp16"] < 0.4  # W4: a quarter of fp16 plus the scales
+    reloaded = compressx.load(out, model=tiny_timm_vit(seed=5))
+    assert isinstance(reloaded.blocks[0].attn.qkv, QuantLinear)
+    assert torch.equal(logits(reloaded, images[:8]), expected)
+    assert "fake-quantized" in (tmp_path / "export" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("pass_name", ["ptq_minmax", "isvit"])
+def test_hf_export_reloads_identically_without_the_model(tmp_path, images, pass_name, one_thread):
+    model = tiny_hf_vit()
+    result = compressx.apply(model, [{"pass": pass_name, "config": PASSES[pass_name]}], data=images, progress=False)
+    expected = logits(model, images[:8])
+    out = compressx.save(model, tmp_path / "export", result)
+    reloaded = compressx.load(out)
+    assert type(reloaded).__name__ == "ViTForImageClassification"
+    assert torch.equal(logits(reloaded, images[:8]), expected)
+
+
+def test_a_tampered_quantized_file_is_refused(tmp_path, images):
+    model = tiny_timm_vit()
+    result = compressx.apply(model, [{"pass": "ptq_minmax"}], data=images, progress=False)
+    out = compressx.save(model, tmp_path / "export", result)
+    path = tmp_path / "export" / "quantized.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(compressx.errors.ExportError, match="quantized.safetensors.*corrupt"):
+        compressx.load(out, model=tiny_timm_vit())

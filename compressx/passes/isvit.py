@@ -64,7 +64,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ISViTConfig(ViTQuantConfig):
+class IsvitConfig(ViTQuantConfig):
     """Config of ``isvit``. Fields left unset come from ``preset``.
 
     Attributes:
@@ -114,7 +114,7 @@ def _reconstruct_stage(
     teacher: nn.Module,
     layout: ViTLayout,
     images: torch.Tensor,
-    config: ISViTConfig,
+    config: IsvitConfig,
     stage: int,
     generator: torch.Generator,
     progress: bool,
@@ -144,14 +144,14 @@ def _reconstruct_stage(
 
 @register_pass(
     "isvit",
-    config=ISViTConfig,
+    config=IsvitConfig,
     kind="weights",
     paper="I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of Post-Training ViTs Quantization, "
     "arXiv:2311.10126",
     families=("vit",),
     needs=("calibration",),
 )
-def apply_isvit(model: nn.Module, config: ISViTConfig, ctx: PassContext) -> PassResult:
+def apply_isvit(model: nn.Module, config: IsvitConfig, ctx: PassContext) -> PassResult:
     """SULQ + SOS stages 1–3 (up to ``stages``) on the ViT in ``model``."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():

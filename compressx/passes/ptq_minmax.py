@@ -21,19 +21,19 @@ from compressx.registry import PassContext, PassResult, register_pass
 
 
 @dataclasses.dataclass(frozen=True)
-class PTQMinMaxConfig(ViTQuantConfig):
+class PtqMinmaxConfig(ViTQuantConfig):
     """Config of ``ptq_minmax``: the common ViT quantization fields (``calibration_images`` default 64)."""
 
 
 @register_pass(
     "ptq_minmax",
-    config=PTQMinMaxConfig,
+    config=PtqMinmaxConfig,
     kind="weights",
     paper="baseline: min-max uniform PTQ of weights and activations (as compared in arXiv:2311.10126)",
     families=("vit",),
     needs=("calibration",),
 )
-def apply_ptq_minmax(model: nn.Module, config: PTQMinMaxConfig, ctx: PassContext) -> PassResult:
+def apply_ptq_minmax(model: nn.Module, config: PtqMinmaxConfig, ctx: PassContext) -> PassResult:
     """Min-max calibrate uniform quantizers for every weight and activation of the ViT."""
     layout, handle, images = prepare(
         model,

@@ -29,7 +29,7 @@ from compressx.registry import PassContext, PassResult, register_pass
 
 
 @dataclasses.dataclass(frozen=True)
-class RepQViTConfig(ViTQuantConfig):
+class RepqVitConfig(ViTQuantConfig):
     """Config of ``repq_vit`` (``calibration_images`` default 32, the reference's calibration set).
 
     Attributes:
@@ -41,13 +41,13 @@ class RepQViTConfig(ViTQuantConfig):
 
 @register_pass(
     "repq_vit",
-    config=RepQViTConfig,
+    config=RepqVitConfig,
     kind="weights",
     paper="RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, arXiv:2212.08254",
     families=("vit",),
     needs=("calibration",),
 )
-def apply_repq_vit(model: nn.Module, config: RepQViTConfig, ctx: PassContext) -> PassResult:
+def apply_repq_vit(model: nn.Module, config: RepqVitConfig, ctx: PassContext) -> PassResult:
     """Calibrate activations (post-LN per channel), fold them to per-tensor, then calibrate the weights."""
     layout, handle, images = prepare(
         model, config, ctx.calibration, config.calibration_images or 32, softmax="log_sqrt2"

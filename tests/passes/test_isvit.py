@@ -8,7 +8,7 @@ from compressx.errors import CompressxError, ConfigError
 from compressx.ops.quant import set_quant_state
 from compressx.ops.vit_quant import QuantSettings, find_layout, fold_all, wrap
 from compressx.passes._vit_ptq import initialise
-from compressx.passes.isvit import ISViTConfig
+from compressx.passes.isvit import IsvitConfig
 
 PASSES = {
     "ptq_minmax": {},
@@ -122,10 +122,10 @@ def test_stage2_fold_keeps_float64_outputs_and_codes(build, images):
 
 
 def test_isvit_stages_and_presets(images, one_thread):
-    config = ISViTConfig(preset="fast")
+    config = IsvitConfig(preset="fast")
     assert (config.calibration_images, config.iterations, config.lr) == (256, 100, 1e-4)
-    assert (ISViTConfig().calibration_images, ISViTConfig().iterations, ISViTConfig().lr) == (1024, 1000, 4e-5)
-    assert ISViTConfig(preset="fast", iterations=7).iterations == 7
+    assert (IsvitConfig().calibration_images, IsvitConfig().iterations, IsvitConfig().lr) == (1024, 1000, 4e-5)
+    assert IsvitConfig(preset="fast", iterations=7).iterations == 7
     model = tiny_timm_vit()
     cfg = dict(PASSES["isvit"], stages=1)
     report = compressx.apply(model, [{"pass": "isvit", "config": cfg}], data=images, progress=False).steps[0].report
@@ -165,7 +165,7 @@ def test_calibration_must_be_images(images):
 )
 def test_config_errors(values, path):
     with pytest.raises(ConfigError) as err:
-        ISViTConfig.from_dict(values)
+        IsvitConfig.from_dict(values)
     assert err.value.path == path
 
 

@@ -44,7 +44,8 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -153,13 +154,25 @@ def _reconstruct_stage(
 )
 def apply_isvit(model: nn.Module, config: IsvitConfig, ctx: PassContext) -> PassResult:
     """SULQ + SOS stages 1–3 (up to ``stages``) on the ViT in ``model``."""
+    return run_isvit(model, config, ctx.calibration, progress=ctx.progress)
+
+
+def run_isvit(
+    model: nn.Module,
+    config: IsvitConfig,
+    calibration: Any,
+    *,
+    progress: bool = False,
+    after_stage: Callable[[int, nn.Module], None] | None = None,
+) -> PassResult:
+    """The pass itself; ``after_stage(stage, model)`` is called after each stage (e.g. to measure accuracy)."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     layout, handle, images = prepare(
         model,
         config,
-        ctx.calibration,
+        calibration,
         config.calibration_images,
         softmax="sulq",
         official_sulq=config.official_sulq,
@@ -171,20 +184,24 @@ def apply_isvit(model: nn.Module, config: IsvitConfig, ctx: PassContext) -> Pass
 
     start = time.perf_counter()
     initialise(model, init, weights=False, activations=True)
-    reconstruction["stage1"] = _reconstruct_stage(model, teacher, layout, images, config, 1, generator, ctx.progress)
+    reconstruction["stage1"] = _reconstruct_stage(model, teacher, layout, images, config, 1, generator, progress)
     seconds["stage1"] = time.perf_counter() - start
+    if after_stage:
+        after_stage(1, model)
     folds = {}
     if config.stages >= 2:
         start = time.perf_counter()
         folds = fold_all(model, layout, config.round_zero_point)
         seconds["stage2"] = time.perf_counter() - start
+        if after_stage:
+            after_stage(2, model)
     if config.stages >= 3:
         start = time.perf_counter()
         initialise(model, init, weights=True, activations=True)
-        reconstruction["stage3"] = _reconstruct_stage(
-            model, teacher, layout, images, config, 3, generator, ctx.progress
-        )
+        reconstruction["stage3"] = _reconstruct_stage(model, teacher, layout, images, config, 3, generator, progress)
         seconds["stage3"] = time.perf_counter() - start
+        if after_stage:
+            after_stage(3, model)
     else:
         set_quant_state(model, weights=False, activations=True)
     report = base_report(config, layout, images, model)

@@ -106,7 +106,7 @@ def summary(rows: list[dict], fp_top1: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6, 8])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 6, 8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--iterations", type=int, default=None, help="isvit iterations (default: fast preset)")
@@ -121,9 +121,9 @@ def main() -> None:
     rows = json.loads(args.json.read_text())["runs"] if args.json.is_file() else []
     done = {_row_key(r) for r in rows}
     fp_top1 = top1(fp, test)
-    for bits in args.bits:
-        for method in args.methods:
-            for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted run still covers every bit-width
+        for bits in args.bits:
+            for method in args.methods:
                 if (method, bits, seed) in done:
                     continue
                 row = run_one(fp, method, bits, seed, args, calib, test)

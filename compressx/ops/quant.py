@@ -82,14 +82,17 @@ def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def uniform_params(
-    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool = False
+    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool = False, include_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero_point)`` that map ``[low, high]`` onto the codes ``0 .. 2^b - 1``.
 
-    Asymmetric: ``Δ = (high - low) / (2^b - 1)``, ``z = round(-low / Δ)``. Symmetric: ``Δ = max(|low|, |high|) /
-    (2^(b-1) - 1)`` and ``z = 2^(b-1)`` (signed codes stored with an offset). Zero-width ranges get a tiny Δ.
+    Asymmetric: ``Δ = (high - low) / (2^b - 1)``, ``z = round(-low / Δ)`` (negative or above ``2^b - 1`` for a
+    range that excludes 0, as in the reference percentile search; ``include_zero`` widens the range to hold 0,
+    the usual min-max convention). Symmetric: ``Δ = max(|low|, |high|) / (2^(b-1) - 1)`` and ``z = 2^(b-1)``
+    (signed codes stored with an offset). Zero-width ranges get a tiny Δ.
     """
-    low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+    if include_zero or symmetric:
+        low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
     if symmetric:
         scale = torch.maximum(low.abs(), high.abs()) / (2 ** (bits - 1) - 1)
         scale = torch.clamp(scale, min=1e-8)
@@ -152,13 +155,14 @@ def calibrate_uniform(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero_point)`` for ``x``, each of shape ``param_shape(x.shape, ...)``.
 
-    ``minmax``: the groups' min and max. ``percentile``: the ``1 - p`` and ``p`` quantiles. ``mse``: for every
-    percentile in ``candidates``, the fake-quant squared error of each group; each group keeps its best.
+    ``minmax``: the groups' min and max (widened to hold 0). ``percentile``: the ``1 - p`` and ``p`` quantiles.
+    ``mse``: for every percentile in ``candidates``, the fake-quant squared error of each group; each group keeps
+    its best (first on ties), as the reference initialisation does channel by channel.
     """
     check_bits(bits)
     rows = to_groups(x.detach().float(), granularity, axis, group_size)
     if method == "minmax":
-        scale, zero = uniform_params(rows.min(dim=1).values, rows.max(dim=1).values, bits, symmetric)
+        scale, zero = uniform_params(rows.min(dim=1).values, rows.max(dim=1).values, bits, symmetric, True)
     elif method == "percentile":
         scale, zero = uniform_params(
             quantile_rows(rows, 1 - percentile), quantile_rows(rows, percentile), bits, symmetric

@@ -99,8 +99,9 @@ def test_uniform_per_channel_and_per_group_shapes_and_values():
 def test_percentile_clips_to_quantiles():
     x = torch.arange(1001, dtype=torch.float32)  # 0..1000: the q quantile is 1000 q
     scale, zero = calibrate_uniform(x, 8, method="percentile", percentile=0.99)
-    assert float(scale) == pytest.approx((990 - 0) / 255, rel=1e-5)  # low end clamps to include 0
-    assert float(zero) == 0
+    assert float(scale) == pytest.approx((990 - 10) / 255, rel=1e-5)
+    assert float(zero) == round(-10 / float(scale))  # a range above 0: negative zero point, as the reference
+    assert float(calibrate_uniform(x, 8, method="minmax")[1]) == 0  # min-max widens the range to hold 0
 
 
 def test_mse_search_clips_an_outlier_that_minmax_keeps():

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import compressx
 from compressx.ops.quant import QuantLinear, unpack_codes
-from tests.passes.test_isvit import PASSES, tiny_hf_vit, tiny_timm_vit
+from tests.passes.test_isvit import PASSES, tiny_hf_vit, tiny_timm_swin, tiny_timm_vit
 
 
 @pytest.fixture
@@ -69,3 +69,12 @@ def test_a_tampered_quantized_file_is_refused(tmp_path, images):
     path.write_bytes(bytes(data))
     with pytest.raises(compressx.errors.ExportError, match="quantized.safetensors.*corrupt"):
         compressx.load(out, model=tiny_timm_vit())
+
+
+def test_swin_export_reloads_identically(tmp_path, images, one_thread):
+    model = tiny_timm_swin()
+    result = compressx.apply(model, [{"pass": "isvit", "config": PASSES["isvit"]}], data=images, progress=False)
+    expected = logits(model, images[:8])
+    out = compressx.save(model, tmp_path / "export", result)
+    reloaded = compressx.load(out, model=tiny_timm_swin(seed=3))
+    assert torch.equal(logits(reloaded, images[:8]), expected)

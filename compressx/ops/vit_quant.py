@@ -2,7 +2,8 @@
 passes share (the quantizers themselves are in ``compressx.ops.quant``).
 
 * ``find_layout`` — where the blocks, the post-LayerNorm linears, the attentions, the patch embedding and the head
-  are in a supported model: timm ``VisionTransformer`` (ViT, DeiT) and Hugging Face ``ViTForImageClassification`` /
+  are in a supported model: timm ``VisionTransformer`` (ViT, DeiT), timm ``SwinTransformer`` and Hugging Face
+  ``ViTForImageClassification`` /
   ``DeiTForImageClassification``, anywhere inside the given module. Anything else is a ``CompressxError`` naming
   those.
 * ``wrap`` — every ``nn.Linear`` of the model becomes a ``QuantLinear`` (input and weight quantizer), the patch
@@ -45,6 +46,7 @@ from compressx.ops.quant import (
 
 SUPPORTED_MODELS = (
     "timm VisionTransformer (vit_*, deit_*)",
+    "timm SwinTransformer (swin_*)",
     "transformers ViTForImageClassification",
     "transformers DeiTForImageClassification",
 )
@@ -55,12 +57,16 @@ SOFTMAX_QUANTIZERS = ("uniform", "log2", "log_sqrt2", "sulq")
 class ViTLayout:
     """Module names (relative to the model given) of the parts the quantization passes treat specially."""
 
-    family: str  # "timm_vit" | "hf_vit"
+    family: str  # "timm_vit" | "timm_swin" | "hf_vit"
     blocks: list[str]
     post_layernorm: list[tuple[str, list[str]]]  # (LayerNorm, the linears reading its output)
     attentions: list[str]
     patch_embed: str
     head: str | None
+    units: list[str] = dataclasses.field(default_factory=list)  # reconstruction units between patch embed and head
+
+    def __post_init__(self) -> None:
+        self.units = self.units or list(self.blocks)
 
 
 def _is_timm_vit(module: nn.Module) -> bool:
@@ -69,6 +75,14 @@ def _is_timm_vit(module: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, VisionTransformer)
+
+
+def _is_timm_swin(module: nn.Module) -> bool:
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+    except ImportError:
+        return False
+    return isinstance(module, SwinTransformer)
 
 
 def _is_hf_vit(module: nn.Module) -> bool:
@@ -92,6 +106,8 @@ def find_layout(model: nn.Module) -> ViTLayout:
         dot = f"{prefix}." if prefix else ""
         if _is_timm_vit(module):
             return _timm_layout(module, dot)
+        if _is_timm_swin(module):
+            return _swin_layout(module, dot)
         if _is_hf_vit(module):
             return _hf_layout(model, module, dot)
     raise CompressxError(
@@ -117,6 +133,33 @@ def _timm_layout(vit: nn.Module, dot: str) -> ViTLayout:
         pairs.append((f"{name}.norm2", [f"{name}.mlp.fc1"]))
     head = f"{dot}head" if isinstance(vit.head, nn.Linear) else None
     return ViTLayout("timm_vit", blocks, pairs, attentions, f"{dot}patch_embed.proj", head)
+
+
+def _swin_layout(swin: nn.Module, dot: str) -> ViTLayout:
+    """timm Swin: stages ``layers[i]`` (PatchMerging ``downsample`` first, then ``blocks[j]``), head ``head.fc``.
+
+    The PatchMerging ``reduction`` follows a LayerNorm too, but, as in the reference code, only ``qkv`` and ``fc1``
+    inputs are quantized per channel; ``reduction`` is reconstructed as a layer unit of its own.
+    """
+    from timm.models.swin_transformer import PatchMerging, WindowAttention
+
+    blocks, pairs, attentions, units = [], [], [], []
+    for i, stage in enumerate(swin.layers):
+        if isinstance(stage.downsample, PatchMerging):
+            units.append(f"{dot}layers.{i}.downsample.reduction")
+        for j, block in enumerate(stage.blocks):
+            name = f"{dot}layers.{i}.blocks.{j}"
+            if type(block.attn) is not WindowAttention:
+                raise CompressxError(
+                    f"{name}: only timm's WindowAttention is supported, got {type(block.attn).__name__}"
+                )
+            blocks.append(name)
+            units.append(name)
+            attentions.append(f"{name}.attn")
+            pairs.append((f"{name}.norm1", [f"{name}.attn.qkv"]))
+            pairs.append((f"{name}.norm2", [f"{name}.mlp.fc1"]))
+    head = f"{dot}head.fc" if isinstance(getattr(swin.head, "fc", None), nn.Linear) else None
+    return ViTLayout("timm_swin", blocks, pairs, attentions, f"{dot}patch_embed.proj", head, units)
 
 
 def _hf_layout(model: nn.Module, vit: nn.Module, dot: str) -> ViTLayout:
@@ -162,6 +205,21 @@ def _timm_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Non
     return self.proj_drop(self.proj(x))
 
 
+def _swin_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """timm ``WindowAttention.forward`` (eager path) with quantized matmuls; q is scaled before q·kᵀ, and the
+    relative-position bias and the shift mask are added before the softmax, as in the reference code."""
+    B_, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1)) + self._get_rel_pos_bias()
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.num_heads, N, N)
+    attn = self.attn_drop(self.softmax(attn))
+    x = self.matmul_av(attn, v).transpose(1, 2).reshape(B_, N, -1)
+    return self.proj_drop(self.proj(x))
+
+
 def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
     """transformers ``ViTAttention.forward`` (eager) with q·kᵀ and attn·v through ``matmul_qk`` / ``matmul_av``."""
     input_shape = hidden_states.shape[:-1]
@@ -178,7 +236,11 @@ def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask: tor
     return self.o_proj(out), attn
 
 
-_ATTENTION_FORWARDS = {"timm_vit": _timm_attention_forward, "hf_vit": _hf_attention_forward}
+_ATTENTION_FORWARDS = {
+    "timm_vit": _timm_attention_forward,
+    "timm_swin": _swin_attention_forward,
+    "hf_vit": _hf_attention_forward,
+}
 
 
 def attention_forward(attn: nn.Module, family: str) -> None:

@@ -106,7 +106,7 @@ class IsvitConfig(ViTQuantConfig):
 
 def _units(layout: ViTLayout, stage: int) -> list[str]:
     """The reconstruction units of a stage, in model order (patch embedding in stage 3 only)."""
-    units = list(layout.blocks) + ([layout.head] if layout.head else [])
+    units = list(layout.units) + ([layout.head] if layout.head else [])
     return ([layout.patch_embed] if stage == 3 else []) + units
 
 

@@ -6,7 +6,7 @@ the post-Softmax attention map too). No search, no reparameterisation, no recons
 the comparisons in I&S-ViT (arXiv:2311.10126 §5) and RepQ-ViT (arXiv:2212.08254 §4).
 
 Touches: every ``nn.Linear`` (``QuantLinear``), the patch-embedding ``Conv2d`` (``QuantConv2d``) and the attention
-instances (quantized q·kᵀ and attn·v) of a timm ViT/DeiT or a transformers ViT/DeiT classifier. Fake-quantized:
+instances (quantized q·kᵀ and attn·v) of a timm ViT/DeiT/Swin or a transformers ViT/DeiT classifier. Fake-quantized:
 the model still computes in floating point. ``result.handle.remove()`` restores the plain modules.
 """
 

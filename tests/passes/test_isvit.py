@@ -26,6 +26,16 @@ def tiny_timm_vit(seed=0):
     ).eval()
 
 
+def tiny_timm_swin(seed=0):
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    return SwinTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+        window_size=4,
+    ).eval()  # fmt: skip
+
+
 def tiny_hf_vit(seed=0):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -62,7 +72,7 @@ def images():
     return torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("build", [tiny_timm_vit, tiny_hf_vit], ids=["timm", "hf"])
+@pytest.mark.parametrize("build", [tiny_timm_vit, tiny_timm_swin, tiny_hf_vit], ids=["timm", "swin", "hf"])
 @pytest.mark.parametrize("pass_name", list(PASSES))
 def test_pass_runs_changes_outputs_and_is_undoable(build, pass_name, images, one_thread):
     model = build()
@@ -81,16 +91,17 @@ def test_pass_runs_changes_outputs_and_is_undoable(build, pass_name, images, one
     if pass_name == "isvit":
         stage3 = report["reconstruction"]["stage3"]
         assert set(report["reconstruction"]) == {"stage1", "stage3"}
+        layout = find_layout(model)
+        assert list(stage3) == [layout.patch_embed, *layout.units, layout.head]
         assert all(v["loss_before"] >= 0 for v in stage3.values())
     result.steps[0].handle.remove()
     assert not any("quantizer" in k for k in model.state_dict())
-    assert type(find_layout(model)) is not None
     if pass_name == "ptq_minmax":  # weights untouched: removing the quantizers gives the model back exactly
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert torch.equal(logits(model, images[:8]), reference)
 
 
-@pytest.mark.parametrize("build", [tiny_timm_vit, tiny_hf_vit], ids=["timm", "hf"])
+@pytest.mark.parametrize("build", [tiny_timm_vit, tiny_timm_swin, tiny_hf_vit], ids=["timm", "swin", "hf"])
 def test_stage2_fold_keeps_float64_outputs_and_codes(build, images):
     model = build().double()
     randomise_layernorms(model, torch.Generator().manual_seed(3))

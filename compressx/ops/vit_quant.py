@@ -3,9 +3,8 @@ passes share (the quantizers themselves are in ``compressx.ops.quant``).
 
 * ``find_layout`` — where the blocks, the post-LayerNorm linears, the attentions, the patch embedding and the head
   are in a supported model: timm ``VisionTransformer`` (ViT, DeiT), timm ``SwinTransformer`` and Hugging Face
-  ``ViTForImageClassification`` /
-  ``DeiTForImageClassification``, anywhere inside the given module. Anything else is a ``CompressxError`` naming
-  those.
+  ``ViTForImageClassification`` / ``DeiTForImageClassification``, anywhere inside the given module. Anything else
+  is a ``CompressxError`` naming those.
 * ``wrap`` — every ``nn.Linear`` of the model becomes a ``QuantLinear`` (input and weight quantizer), the patch
   embedding ``Conv2d`` a ``QuantConv2d`` (weight quantizer; the image itself stays in full precision, as in the
   reference code of arXiv:2311.10126), and each attention *instance* gets ``matmul_qk`` / ``matmul_av``

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from compressx.errors import ConfigError
 from compressx.ops.quant import set_quant_state
-from compressx.ops.vit_quant import ViTLayout, capture, fold_all, reconstruct
+from compressx.ops.vit_quant import ViTLayout, capture, find_layout, fold_all, reconstruct
 from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare
 from compressx.registry import PassContext, PassResult, register_pass
 
@@ -166,6 +166,7 @@ def run_isvit(
     after_stage: Callable[[int, nn.Module], None] | None = None,
 ) -> PassResult:
     """The pass itself; ``after_stage(stage, model)`` is called after each stage (e.g. to measure accuracy)."""
+    find_layout(model)  # an unsupported model is refused before the teacher copy
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -53,6 +53,17 @@ def tiny_hf_vit(seed=0):
     return ViTForImageClassification(config).eval()
 
 
+def tiny_hf_deit(seed=0):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    config = DeiTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=10,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return DeiTForImageClassification(config).eval()
+
+
 def logits(model, images):
     out = model(images)
     return getattr(out, "logits", out)
@@ -101,7 +112,9 @@ def test_pass_runs_changes_outputs_and_is_undoable(build, pass_name, images, one
         assert torch.equal(logits(model, images[:8]), reference)
 
 
-@pytest.mark.parametrize("build", [tiny_timm_vit, tiny_timm_swin, tiny_hf_vit], ids=["timm", "swin", "hf"])
+@pytest.mark.parametrize(
+    "build", [tiny_timm_vit, tiny_timm_swin, tiny_hf_vit, tiny_hf_deit], ids=["timm", "swin", "hf", "hf_deit"]
+)
 def test_stage2_fold_keeps_float64_outputs_and_codes(build, images):
     model = build().double()
     randomise_layernorms(model, torch.Generator().manual_seed(3))

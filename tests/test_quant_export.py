@@ -78,3 +78,37 @@ def test_swin_export_reloads_identically(tmp_path, images, one_thread):
     out = compressx.save(model, tmp_path / "export", result)
     reloaded = compressx.load(out, model=tiny_timm_swin(seed=3))
     assert torch.equal(logits(reloaded, images[:8]), expected)
+
+
+TIMM_RECIPE_MODELS = {
+    "vit": ("vit_tiny_patch16_224", {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(TIMM_RECIPE_MODELS))
+def test_timm_recipe_exports_and_reloads_identically(tmp_path, kind, one_thread):
+    from compressx.api import run_recipe
+    from compressx.images import digits_tensors, parse_image_data_spec
+    from compressx.recipe import parse_recipe
+
+    model_id, kwargs = TIMM_RECIPE_MODELS[kind]
+    recipe = parse_recipe(
+        {
+            "model": {"source": "timm", "id": model_id, "pretrained": False,
+                      "kwargs": {**kwargs, "in_chans": 1, "num_classes": 10}},
+            "data": {"calibration": {"source": "digits", "split": "train"}},
+            "steps": [{"pass": "isvit", "config": {**PASSES["isvit"], "w_bits": 3, "a_bits": 3}}],
+            "export": {"dir": str(tmp_path / "export")},
+        }
+    )  # fmt: skip
+    run = run_recipe(recipe, progress=False)
+    images, _ = digits_tensors(parse_image_data_spec({"source": "digits", "split": "test"}))
+    expected = run.model(images[:16])
+    reloaded = compressx.load(run.export_dir)  # rebuilt from the recorded timm architecture, no model= needed
+    assert torch.equal(reloaded(images[:16]), expected)
+    manifest = json.loads((tmp_path / "export" / "compressx.json").read_text())
+    assert manifest["model"]["base"]["format"] == "timm" and manifest["model"]["weight_bits"] == [3]

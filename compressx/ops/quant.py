@@ -470,7 +470,7 @@ class QuantLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         new.input_quantizer, new.weight_quantizer = input_quantizer, weight_quantizer
-        return new
+        return new.train(linear.training)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's (current, full-precision) parameters."""
@@ -478,7 +478,7 @@ class QuantLinear(nn.Linear):
         nn.Module.__init__(plain)
         plain.in_features, plain.out_features = self.in_features, self.out_features
         plain.weight, plain.bias = self.weight, self.bias
-        return plain
+        return plain.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

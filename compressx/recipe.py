@@ -41,9 +41,10 @@ from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException, Unsu
 
 from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
 from compressx.config import PassConfig
-from compressx.data import DataSpec, parse_data_spec
+from compressx.data import DataSpec, parse_calibration_spec
 from compressx.errors import CompressxError, ConfigError, RecipeError, TargetError, unknown_key_message
 from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
+from compressx.images import ImageDataSpec
 from compressx.models import ModelSpec, build_model, parse_model_spec
 from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_step_targets, unsupported_problems
@@ -87,7 +88,7 @@ class ExportSpec:
 class Recipe:
     steps: tuple[StepSpec, ...]
     model: ModelSpec | None = None
-    calibration: DataSpec | None = None
+    calibration: DataSpec | ImageDataSpec | None = None
     eval: tuple[EvalSpec, ...] = ()
     export: ExportSpec | None = None
     source: str = "<recipe>"
@@ -191,7 +192,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                 if key not in DATA_KEYS:
                     problems.append(f"data.{key}: {unknown_key_message(str(key), DATA_KEYS)}")
             if "calibration" in data:
-                calibration = block("data.calibration", parse_data_spec, data["calibration"])
+                calibration = block("data.calibration", parse_calibration_spec, data["calibration"])
 
     steps: list[StepSpec] = []
     raw_steps = raw.get("steps")

@@ -110,7 +110,8 @@ def check_calibration(model: Any, data: Any) -> str | None:
     A tensor for a language model (a model with an input embedding table) is ``[samples, seq_len]`` token ids in
     its vocabulary; any tensor must be non-empty. A list of model-input mappings (multimodal prompts) must be
     non-empty, and their ``input_ids`` integers (not range-checked: some processors use image-token ids past the
-    text vocabulary, which the model replaces before embedding).
+    text vocabulary, which the model replaces before embedding). A dataset or data loader (calibration images)
+    must not be empty.
     """
     vocabulary = _input_vocabulary(model)
     if isinstance(data, torch.Tensor):
@@ -120,8 +121,10 @@ def check_calibration(model: Any, data: Any) -> str | None:
         if problem is None and data.dim() != 2:
             problem = f"expected [samples, seq_len] token ids, got a tensor of shape {list(data.shape)}"
         return problem
+    if isinstance(data, torch.utils.data.Dataset | torch.utils.data.DataLoader):  # images for the ViT passes
+        return "the calibration dataset is empty" if hasattr(data, "__len__") and len(data) == 0 else None
     if not isinstance(data, dict | list | tuple):
-        return f"expected a token tensor or model-input mappings, got {type(data).__name__}"
+        return f"expected a token tensor, model-input mappings or a dataset, got {type(data).__name__}"
     items = [data] if isinstance(data, dict) else data
     if not items:
         return "the calibration data is an empty list"

@@ -118,6 +118,8 @@ def _family_of(model: Any) -> str:
         return "mllm"
     if "Pipeline" in name:
         return "diffusion"
+    if name.startswith(VIT_CLASS_PREFIXES):  # ViTForImageClassification, DeiTModel, SwinForImageClassification…
+        return "vit"
     return "any"
 
 
@@ -197,8 +199,13 @@ def build_model(
     raise ConfigError(f"got {spec.source!r}; allowed: {', '.join(SOURCES)}", path="source")
 
 
+# Vision transformers, by transformers class-name prefix and by timm architecture name.
+VIT_CLASS_PREFIXES = ("ViT", "DeiT", "Swin")
+VIT_TIMM_NAMES = ("vit", "deit", "swin")
+
+
 def _timm_family(model_id: str) -> str:
-    if "vit" in model_id or "deit" in model_id:
+    if any(name in model_id for name in VIT_TIMM_NAMES):
         return "vit"
     cnn = ("resnet", "resnext", "mobilenet", "efficientnet", "regnet", "convnext", "vgg", "densenet")
     return "cnn" if model_id.startswith(cnn) else "any"

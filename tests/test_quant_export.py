@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import VIT_PTQ_PASSES as PASSES
+from conftest import tiny_hf_vit, tiny_timm_swin, tiny_timm_vit
 from safetensors import safe_open
 
 import compressx
 from compressx.ops.quant import QuantLinear, unpack_codes
-from tests.passes.test_isvit import PASSES, tiny_hf_vit, tiny_timm_swin, tiny_timm_vit
 
 
 @pytest.fixture

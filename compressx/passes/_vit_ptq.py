@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from compressx.config import PassConfig
-from compressx.errors import ConfigError
+from compressx.errors import CompressxError, ConfigError
 from compressx.ops.quant import MAX_BITS, MIN_BITS, set_quant_state
 from compressx.ops.vit_quant import (
     QuantizedViT,
@@ -63,6 +63,18 @@ class ViTQuantConfig(PassConfig):
                 raise ConfigError(
                     f"got {part!r}; allowed: {', '.join(FULL_PRECISION_PARTS)}", path=f"keep_full_precision[{i}]"
                 )
+
+
+def vit_problems(model: object, config: object = None) -> list[str]:
+    """``register_pass(check_model=...)`` of the ViT quantization passes: a model without a supported vision
+    transformer inside is refused by ``compressx validate`` (on the meta model), not after calibration starts."""
+    if not isinstance(model, nn.Module):
+        return [f"post-training ViT quantization applies to a torch model, got {type(model).__name__}"]
+    try:
+        find_layout(model)
+    except CompressxError as err:
+        return [str(err)]
+    return []
 
 
 def prepare(

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from compressx.errors import ConfigError
 from compressx.ops.quant import set_quant_state
 from compressx.ops.vit_quant import ViTLayout, capture, find_layout, fold_all, reconstruct
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare
+from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
 from compressx.registry import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def _reconstruct_stage(
     paper="I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of Post-Training ViTs Quantization, "
     "arXiv:2311.10126",
     families=("vit",),
+    check_model=vit_problems,
     needs=("calibration",),
 )
 def apply_isvit(model: nn.Module, config: IsvitConfig, ctx: PassContext) -> PassResult:

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare
+from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -31,6 +31,7 @@ class PtqMinmaxConfig(ViTQuantConfig):
     kind="weights",
     paper="baseline: min-max uniform PTQ of weights and activations (as compared in arXiv:2311.10126)",
     families=("vit",),
+    check_model=vit_problems,
     needs=("calibration",),
 )
 def apply_ptq_minmax(model: nn.Module, config: PtqMinmaxConfig, ctx: PassContext) -> PassResult:

@@ -24,7 +24,7 @@ import dataclasses
 import torch.nn as nn
 
 from compressx.ops.vit_quant import fold_all
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare
+from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -45,6 +45,7 @@ class RepqVitConfig(ViTQuantConfig):
     kind="weights",
     paper="RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, arXiv:2212.08254",
     families=("vit",),
+    check_model=vit_problems,
     needs=("calibration",),
 )
 def apply_repq_vit(model: nn.Module, config: RepqVitConfig, ctx: PassContext) -> PassResult:

@@ -1,9 +1,10 @@
 """ptq_minmax: min-max ranges, per-tensor activations, weights untouched (the shared ViT tests are in test_isvit)."""
 
+import pytest
 import torch
+from conftest import tiny_timm_vit
 
 import compressx
-from tests.passes.test_isvit import tiny_timm_vit
 
 
 def test_minmax_ranges_cover_the_calibration_activations_exactly():
@@ -33,3 +34,20 @@ def test_tensor_weight_granularity():
     model = tiny_timm_vit()
     compressx.apply(model, [{"pass": "ptq_minmax", "config": {"weight_granularity": "tensor"}}], data=images)
     assert model.blocks[0].attn.qkv.weight_quantizer.scale.dim() == 0
+
+
+@pytest.mark.parametrize("pass_name", ["ptq_minmax", "repq_vit", "isvit"])
+def test_validate_refuses_a_model_without_a_supported_vit(pass_name):
+    """``check_model`` runs on the meta model: a ViT-family model the passes cannot quantize is refused before
+    any calibration (here a timm ViT whose blocks use a non-standard attention module)."""
+    import timm
+
+    from compressx.api import _as_step
+    from compressx.recipe import check_steps_on_model
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=1)
+    assert check_steps_on_model(model, [_as_step({"pass": pass_name}, 0)]) == []
+    model.blocks[0].attn = torch.nn.Identity()
+    problems = check_steps_on_model(model, [_as_step({"pass": pass_name}, 0)])
+    assert len(problems) == 1 and problems[0].startswith("steps[0]: ") and "blocks.0" in problems[0], problems

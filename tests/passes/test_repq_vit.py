@@ -4,9 +4,9 @@ in test_isvit)."""
 import math
 
 import torch
+from conftest import randomise_layernorms, tiny_timm_vit
 
 import compressx
-from tests.passes.test_isvit import randomise_layernorms, tiny_timm_vit
 
 
 def _run(round_zero_point):

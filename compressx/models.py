@@ -167,7 +167,7 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                 # A pipeline is several models; validation only checks that the pipeline config resolves.
                 # Pipeline passes take no targets, so there is nothing to resolve against the modules.
                 return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
-            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **spec.kwargs)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, dtype=dtype, **spec.kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:
         raise

@@ -253,6 +253,11 @@ class TokenWithdrawal:
             if isinstance(mask, torch.Tensor):
                 step.sliced["attention_mask"] = _gather_seq(_gather_seq(mask, step.keep, 2), step.keep, 3)
             cos, sin = kwargs["position_embeddings"]
+            if cos.dim() != 3 or cos.shape[1] != step.n_full:  # transformers < 5.17: Qwen2-VL's are [3, B, n, d]
+                raise CompressxError(
+                    f"the decoder's rotary embeddings have shape {tuple(cos.shape)}, not [batch, {step.n_full}, "
+                    "head_dim]: token withdrawal does not know this layout (it needs transformers >= 5.17)"
+                )
             step.sliced["position_embeddings"] = (_gather_seq(cos, step.keep, 1), _gather_seq(sin, step.keep, 1))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
                 step.sliced["position_ids"] = _gather_seq(kwargs["position_ids"], step.keep, 1)

@@ -338,6 +338,15 @@ def test_what_cannot_be_seen_into_is_refused(tiny_llava):
         tiny_llava(input_ids=ids, pixel_values=pv, kv=LooksLikeACache())
 
 
+def test_an_unknown_rotary_layout_is_refused(tiny_llava):
+    """transformers 5.0-5.16 hand Qwen2-VL's layers ``(cos, sin)`` of shape [3, B, n, d]: refused by name."""
+    TokenWithdrawal(tiny_llava, 0)
+    rotary = tiny_llava.model.language_model.rotary_emb
+    rotary.register_forward_hook(lambda module, args, out: tuple(t.expand(3, *t.shape) for t in out))
+    with pytest.raises(CompressxError, match=r"rotary embeddings have shape \(3, 1, 23, 8\).*transformers >= 5.17"):
+        tiny_llava(input_ids=prompt(), pixel_values=pixels())
+
+
 def test_flops_match_the_closed_form(tiny_llava):
     config = tiny_llava.config.text_config
     per_layer = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64

@@ -1,6 +1,7 @@
-"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``load``.
+"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``.
 
-It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2.
+It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2;
+Ctrl-C (SIGINT) and SIGTERM stop the run, remove its temporary files and exit with 130 and 143.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +41,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from compressx.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export)
+    run = run_recipe(
+        recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export, resume=args.resume
+    )
     from compressx.api import is_main_process
 
     if not is_main_process():  # under `accelerate launch`, one process reports
@@ -50,7 +55,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print()
         print(_eval_table(run.eval_before, run.eval_after))
     if run.export_dir:
+        from compressx.export import MANIFEST, manifest_digest
+
         print(f"\nexported to {run.export_dir}  (reload: compressx.load({run.export_dir!r}))")
+        digest = manifest_digest(run.export_dir)
+        print(f"{MANIFEST} sha256 {digest}  (check a copy with: compressx verify DIR --expect {digest})")
     return 0
 
 
@@ -129,6 +138,21 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Check the manifest (and its digest with --expect) and every file's SHA-256; name the files it ignores."""
+    from compressx.export import MANIFEST, manifest_digest, unlisted_files, verify
+
+    manifest = verify(args.dir, expect=args.expect)
+    digest = manifest_digest(args.dir)
+    print(f"{args.dir}: {len(manifest['files'])} file(s) match their SHA-256; {MANIFEST} sha256 {digest}")
+    if args.expect is None:
+        print(f"(the digest is not checked: pass --expect <sha256 of {MANIFEST}> obtained from the export's author)")
+    unlisted = unlisted_files(args.dir)
+    if unlisted:
+        print(f"not in the manifest, so never read by load: {', '.join(unlisted)}")
+    return 0
+
+
 def _cmd_load(args: argparse.Namespace) -> int:
     """Load an export (hashes verified, runtime passes re-applied); with --eval, re-run its recorded metrics."""
     import torch
@@ -137,7 +161,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from compressx.evaluate import evaluate, parse_eval_spec
     from compressx.export import load, load_tokenizer, read_manifest
 
-    model = load(args.dir)
+    model = load(args.dir, expect=args.expect)
     manifest = read_manifest(args.dir)
     # A diffusers pipeline is not a module: count the parameters of its module components.
     modules = [model] if isinstance(model, torch.nn.Module) else list(getattr(model, "components", {}).values())
@@ -146,11 +170,17 @@ def _cmd_load(args: argparse.Namespace) -> int:
     if not args.eval:
         return 0
     recorded = (manifest.get("eval") or {}).get("after") or {}
-    try:
-        with open(f"{args.dir}/recipe.yaml") as f:
-            specs = [parse_eval_spec(e) for e in (yaml.safe_load(f) or {}).get("eval", [])]
-    except FileNotFoundError:
-        specs = []
+    specs = []
+    if "recipe.yaml" in manifest["files"]:  # verified by load; an unlisted recipe.yaml is never read
+        try:
+            with open(f"{args.dir}/recipe.yaml", encoding="utf-8") as f:
+                recorded_recipe = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise CompressxError(f"{args.dir}/recipe.yaml: cannot read it: {' '.join(str(err).split())}") from err
+        evals = recorded_recipe.get("eval") if isinstance(recorded_recipe, dict) else None
+        if not isinstance(evals, list | None):
+            raise CompressxError(f"{args.dir}/recipe.yaml: eval is not a list of metrics")
+        specs = [parse_eval_spec(e) for e in evals or []]
     if not specs:
         raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
     values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)
@@ -162,6 +192,15 @@ def _cmd_load(args: argparse.Namespace) -> int:
     print(_table(rows, ["metric", "recorded after", "reloaded"]))
     print("reloaded model reproduces the recorded metrics exactly" if same else "MISMATCH with the recorded metrics")
     return 0 if same else 1
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so that, as with Ctrl-C, every ``finally`` / cleanup runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. steps.0.config.sparsity=0.6")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     p.add_argument("--no-export", action="store_true", help="skip the export block")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints (train.checkpoint, checkpoint) an interrupted run of the recipe left",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_apply)
 
@@ -194,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(fn=_cmd_show)
 
+    p = sub.add_parser("verify", help="check an export's manifest and every file's SHA-256")
+    p.add_argument("dir")
+    p.add_argument("--expect", metavar="SHA256", help="the SHA-256 compressx.json must have (printed at export time)")
+    p.set_defaults(fn=_cmd_verify)
+
     p = sub.add_parser("load", help="load an export (verifying hashes); --eval re-runs its recorded metrics")
     p.add_argument("dir")
+    p.add_argument("--expect", metavar="SHA256", help="the SHA-256 compressx.json must have (printed at export time)")
     p.add_argument("--eval", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_load)
@@ -211,14 +261,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.fn(args)
     except CompressxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,17 @@ class PassConfig:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
 
 
+# Seeds reach numpy (scikit-learn splits, accelerate's set_seed) as well as torch; numpy takes 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(value: Any, path: str = "seed") -> int:
+    """``value`` when it is an integer seed in ``0 .. SEED_MAX``; else ``ConfigError`` saying the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"got {value!r}; expected an integer >= 0 and <= {SEED_MAX} (2**32 - 1)", path=path)
+    return value
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]

@@ -35,9 +35,15 @@ from typing import Any
 
 import torch
 
-from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
+from compressx.config import check_seed
+from compressx.errors import CompressxError, ConfigError, DataError, unknown_key_message, unknown_name_message
 
 SPLITS = ("train", "val", "test")
+# Bounds that keep a data block's token tensor (samples × seq_len int64 ids) within memory: 2**28 ids are 2 GiB.
+MAX_SAMPLES = 1_000_000
+MAX_SEQ_LEN = 1 << 20
+MAX_TOKENS = 1 << 28
+_STDLIB_SPLIT_BYTES_AT_LEAST = 1 << 16  # every split of the stdlib corpus holds more (test, the smallest: ~650 KB)
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
@@ -95,7 +101,7 @@ def corpus_fingerprint() -> str:
 def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens from ``ids`` at random (seeded) start positions."""
     if ids.numel() < seq_len:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}: lower seq_len or add text")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -194,7 +200,7 @@ def parse_data_spec(block: Any) -> DataSpec:
     if not isinstance(block, dict):
         raise ConfigError(f"expected a mapping with a 'source' key, got {block!r}")
     source = block.get("source")
-    if source not in TEXT_SOURCES and source not in MULTIMODAL_SOURCES:
+    if not isinstance(source, str) or (source not in TEXT_SOURCES and source not in MULTIMODAL_SOURCES):
         allowed = [*TEXT_SOURCES, *MULTIMODAL_SOURCES]
         raise ConfigError(unknown_name_message("data source", str(source), allowed), path="source")
     extra, required = TEXT_SOURCES[source][:2] if source in TEXT_SOURCES else MULTIMODAL_SOURCES[source]
@@ -203,13 +209,14 @@ def parse_data_spec(block: Any) -> DataSpec:
             raise ConfigError(unknown_key_message(str(key), _COMMON_KEYS | extra), path=str(key))
     for key in required - set(block):
         raise ConfigError(f"data source '{source}' needs '{key}'", path=key)
-    for key in ("samples", "seq_len"):
+    for key, most in (("samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
         value = block.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"got {value!r}; expected a positive integer", path=key)
-    seed = block.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"got {seed!r}; expected an integer", path="seed")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ConfigError(f"got {value!r}; expected a positive integer <= {most:,}", path=key)
+    tokens = block.get("samples", DataSpec.samples) * block.get("seq_len", DataSpec.seq_len)
+    if source in TEXT_SOURCES and tokens > MAX_TOKENS:
+        raise ConfigError(f"samples × seq_len = {tokens:,} tokens; at most {MAX_TOKENS:,} are allowed", path="samples")
+    check_seed(block.get("seed", 0))
     for key in ("path", "split", "text_field", "data_files"):
         if key in block and not isinstance(block[key], str):
             raise ConfigError(f"got {block[key]!r}; expected a string", path=key)
@@ -223,9 +230,36 @@ def parse_data_spec(block: Any) -> DataSpec:
             paths = [paths]
         if not isinstance(paths, list | tuple) or not paths or not all(isinstance(p, str) for p in paths):
             raise ConfigError(f"got {paths!r}; expected a list of file paths or globs", path="paths")
-        _expand(tuple(paths))
         block = dict(block, paths=tuple(paths))
-    return DataSpec(**block)
+    spec = DataSpec(**block)
+    _check_text_length(spec)
+    return spec
+
+
+def _check_text_length(spec: DataSpec) -> None:
+    """Refuse a text source too short for one window of ``seq_len`` tokens, from file sizes alone.
+
+    A token covers at least one byte (the zoo's byte-level tokenizer: exactly one), so a text of fewer bytes than
+    ``seq_len`` can never fill a window. Subword tokenizers need more bytes; ``sample_windows`` checks exactly
+    once the text is tokenised. ``hf_dataset`` sizes are known only after loading.
+    """
+    if spec.source == "text_file":
+        files, key, joiner = [spec.path], "path", 0
+    elif spec.source == "text_files":
+        files, key, joiner = _expand(spec.paths), "paths", 2  # joined with a blank line
+    elif spec.source == "stdlib_text" and spec.seq_len > _STDLIB_SPLIT_BYTES_AT_LEAST:
+        files, key, joiner = stdlib_files(spec.split or "test"), "split", 1  # scanning the stdlib takes a second
+    else:
+        return
+    text_bytes = sum(os.path.getsize(f) for f in files)
+    if text_bytes == 0:
+        raise ConfigError(f"{spec.path or list(spec.paths)!r}: empty, no text to draw windows from", path=key)
+    text_bytes += joiner * (len(files) - 1)
+    if text_bytes < spec.seq_len:
+        raise ConfigError(
+            f"the text is {text_bytes:,} bytes, so at most {text_bytes:,} tokens: fewer than seq_len={spec.seq_len:,}",
+            path=key,
+        )
 
 
 def load_tokens(spec: DataSpec, tokenizer: Any) -> torch.Tensor:

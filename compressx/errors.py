@@ -56,8 +56,17 @@ class RecipeError(CompressxError):
         super().__init__("\n".join([head, *lines]) if head else lines[0])
 
 
+class DataError(CompressxError):
+    """Data that cannot be used: a text shorter than one window, an empty calibration tensor, token ids that are not
+    integers or lie outside the model's vocabulary."""
+
+
 class ExportError(CompressxError):
     """An export could not be written, or an export directory could not be read back (corrupt, missing, unknown)."""
+
+
+class CheckpointError(CompressxError):
+    """A checkpoint directory cannot be used: not compressx's, another run's, corrupted, or nothing to resume."""
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:

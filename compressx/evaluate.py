@@ -99,7 +99,7 @@ def parse_eval_spec(block: Any) -> EvalSpec:
     for key in block:
         if key not in _KEYS:
             raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
-    if block.get("metric") not in METRICS:
+    if not isinstance(block.get("metric"), str) or block["metric"] not in METRICS:
         raise ConfigError(unknown_name_message("metric", str(block.get("metric")), METRICS), path="metric")
     if "data" not in block:
         raise ConfigError("a metric needs a 'data' block", path="data")

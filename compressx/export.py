@@ -8,7 +8,7 @@ An export directory holds:
 * ``recipe.yaml`` — the resolved recipe, when the export came from one;
 * ``compressx.json`` — the manifest: format version; compressx / torch / transformers versions; every step's pass,
   config (with its version) and report; the eval results before and after; the runtime/pipeline passes to
-  re-apply on load; and the SHA-256 of every file the model serialiser wrote;
+  re-apply on load; and the SHA-256 of every other file of the export (written last);
 * ``README.md`` — a model card generated from the manifest;
 * ``sparse.safetensors`` — beside the unchanged dense weights, with ``sparse_format="bitmask"``: the sparse
   weight tensors packed as non-zero values plus a 1-bit-per-element mask; with ``sparse_format="nm"``: every N:M
@@ -17,30 +17,37 @@ An export directory holds:
 The manifest always records, under ``sparsity``, the fraction of exact zeros and the pattern (``"2:4"``, …, or
 ``"unstructured"``) of every floating-point ``*weight`` tensor of dimension >= 2 that has zeros.
 
-The export is written to a temporary directory beside the target and renamed into place at the end, so an
-interrupted run leaves nothing at the target; an existing target is replaced only with ``overwrite=True``.
-``load`` verifies the hashes and refuses a corrupt file, a missing file or an unknown format version;
+The export is written to a temporary directory beside the target and renamed into place at the end (swapped
+with the old export in one step where the OS can), so the target holds a complete export or none, never a
+part; ``overwrite=True`` replaces only a compressx export holding nothing but the files its manifest lists.
+``load`` validates the manifest, verifies the hashes and reads only the files it verified, safetensors and JSON;
 ``load_sparse_state_dict`` does the same and returns the dense tensors unpacked from ``sparse.safetensors``.
+docs/export.md states the guarantees and the trust model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import yaml
+from safetensors import SafetensorError
 
 import compressx
+from compressx.atomic import LockBusy, exchange, fsync_dir, fsync_tree, rename_noreplace, sha256_file, target_lock
 from compressx.errors import CompressxError, ExportError
 from compressx.ops.packing import pack_bitmask, pack_nm, pack_zero_signs, unpack_bitmask, unpack_nm
 from compressx.ops.sparsity import is_nm_sparse
@@ -57,12 +64,7 @@ SPARSE_FILE = "sparse.safetensors"
 NM_PATTERNS = ((1, 16), (1, 8), (2, 16), (1, 4), (2, 8), (4, 16), (2, 4), (4, 8), (8, 16))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = sha256_file
 
 
 def _versions() -> dict[str, str]:
@@ -233,7 +235,8 @@ def save(
         recipe: the ``Recipe`` the run came from, written as ``recipe.yaml``.
         eval_results: ``{"before": {...}, "after": {...}}`` metric values.
         tokenizer: saved beside the weights when it has ``save_pretrained`` (transformers tokenizers).
-        overwrite: replace an existing directory.
+        overwrite: replace an existing export: only a compressx export holding nothing but the files its
+            manifest lists (or an empty directory) is replaced, anything else is refused (``overwrite_problem``).
         sparse_format: ``"none"`` (default), ``"bitmask"`` or ``"nm"``: also write ``sparse.safetensors``, the
             sparse weight tensors as non-zero values plus a bitmask, or the N:M ones as kept values plus in-block
             indices (see ``docs/export.md``; reload with ``load_sparse_state_dict``). The dense weights are
@@ -242,8 +245,6 @@ def save(
     if sparse_format not in SPARSE_FORMATS:
         raise ExportError(f"sparse_format {sparse_format!r} is unknown; allowed: {', '.join(SPARSE_FORMATS)}")
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     from compressx.training import IN_TRAINING
 
     modules = model.modules() if isinstance(model, nn.Module) else ()
@@ -265,82 +266,260 @@ def save(
                 ) from err
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    except OSError as err:
+        with target_lock(target, wait=False):
+            digest, written = _save_locked(
+                target,
+                overwrite,
+                lambda tmp: _write_export(model, tmp, steps, recipe, eval_results, tokenizer, sparse_format),
+            )
+    except LockBusy as err:
+        raise ExportError(
+            f"another compressx run is writing {target} right now; wait for it to finish, or choose another "
+            "export directory"
+        ) from err
+    except OSError as err:  # creating the parent, the lock, or cleaning up after a killed run
         raise ExportError(f"cannot write the export under {target.parent}: {err}") from err
+    log.info(
+        "exported to %s (%d file(s)); %s SHA-256 %s (check a copy with: compressx verify DIR --expect <it>)",
+        target,
+        written,
+        MANIFEST,
+        digest,
+    )
+    return str(target)
+
+
+def _save_locked(target: Path, overwrite: bool, write: Callable[[Path], int]) -> tuple[str, int]:
+    """With the target's lock held: clean up after killed runs, check the target, write into a temporary
+    directory with ``write`` and move it into place. Returns the manifest's SHA-256 and the number of files."""
+    _recover(target)
+    replace = os.path.lexists(target)
+    if replace:
+        if not overwrite:
+            raise ExportError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        problem = overwrite_problem(target)
+        if problem:
+            raise ExportError(problem)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
-        model_entry = _write_weights(model, tmp, source)
-        # Relative paths: a diffusers pipeline saves one sub-directory per component.
-        weight_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        sparsity: dict[str, dict[str, Any]] = {}
-        to_pack: dict[str, torch.Tensor] = {}
-        for name, tensor in _sparse_weights(tmp, weight_files):
-            sparsity[name] = sparsity_entry(tensor)
-            if sparse_format == "bitmask" or (sparse_format == "nm" and sparsity[name]["pattern"] != "unstructured"):
-                to_pack[name] = tensor
-        packed_entry = None
-        if sparse_format == "bitmask":
-            packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE)
-        elif sparse_format == "nm":
-            patterns = {name: sparsity[name]["pattern"] for name in to_pack}
-            packed_entry = _write_nm_packed(to_pack, patterns, tmp / SPARSE_FILE)
-        hashed = sorted([*weight_files, SPARSE_FILE]) if packed_entry else weight_files
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        elif tokenizer is not None:
-            model_entry["tokenizer"] = getattr(tokenizer, "name", type(tokenizer).__name__)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "versions": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": model_entry,
-            "source": source,
-            "steps": [
-                {
-                    "pass": s.pass_name,
-                    "kind": s.kind,
-                    "config": s.config.to_dict(),
-                    "config_version": type(s.config).version,
-                    "targets": s.targets,
-                    "report": s.report,
-                }
-                for s in steps
-            ],
-            "reapply": [
-                {
-                    "pass": s.pass_name,
-                    "config": (s.reapply_config or s.config).to_dict(),
-                    "config_version": type(s.config).version,
-                    "targets": s.targets or None,
-                }
-                for s in steps
-                if s.kind in REAPPLIED_KINDS
-            ],
-            "eval": eval_results or {},
-            "sparsity": sparsity,
-            **({"sparse_format": packed_entry} if packed_entry else {}),
-            "files": {name: _sha256(tmp / name) for name in hashed},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        (tmp / "README.md").write_text(_model_card(manifest))
+        written = write(tmp)
+        digest = _sha256(tmp / MANIFEST)
         _set_permissions(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        fsync_tree(tmp)
+        _commit(tmp, target, replace)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise ExportError(f"writing the export to {target} failed: {err}") from err
+        if isinstance(err, (OSError, SafetensorError)):  # full disk, file size limit, permissions, ...
+            raise ExportError(f"writing the export to {target} failed, nothing was changed there: {err}") from err
         raise
-    log.info("exported to %s (%d weight file(s))", target, len(weight_files))
-    return str(target)
+    return digest, written
+
+
+def _write_export(
+    model: Any,
+    tmp: Path,
+    steps: list[Any],
+    recipe: Any,
+    eval_results: dict[str, dict[str, float]] | None,
+    tokenizer: Any,
+    sparse_format: str,
+) -> int:
+    """Write the whole export into ``tmp``, the manifest last; return the number of hashed files."""
+    source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
+    model_entry = _write_weights(model, tmp, source)
+    # Relative paths: a diffusers pipeline saves one sub-directory per component.
+    weight_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    sparsity: dict[str, dict[str, Any]] = {}
+    to_pack: dict[str, torch.Tensor] = {}
+    for name, tensor in _sparse_weights(tmp, weight_files):
+        sparsity[name] = sparsity_entry(tensor)
+        if sparse_format == "bitmask" or (sparse_format == "nm" and sparsity[name]["pattern"] != "unstructured"):
+            to_pack[name] = tensor
+    packed_entry = None
+    if sparse_format == "bitmask":
+        packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE)
+    elif sparse_format == "nm":
+        patterns = {name: sparsity[name]["pattern"] for name in to_pack}
+        packed_entry = _write_nm_packed(to_pack, patterns, tmp / SPARSE_FILE)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    elif tokenizer is not None:
+        model_entry["tokenizer"] = getattr(tokenizer, "name", type(tokenizer).__name__)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_entry,
+        "source": source,
+        "steps": [
+            {
+                "pass": s.pass_name,
+                "kind": s.kind,
+                "config": s.config.to_dict(),
+                "config_version": type(s.config).version,
+                "targets": s.targets,
+                "report": s.report,
+            }
+            for s in steps
+        ],
+        "reapply": [
+            {
+                "pass": s.pass_name,
+                "config": (s.reapply_config or s.config).to_dict(),
+                "config_version": type(s.config).version,
+                "targets": s.targets or None,
+            }
+            for s in steps
+            if s.kind in REAPPLIED_KINDS
+        ],
+        "eval": eval_results or {},
+        "sparsity": sparsity,
+        **({"sparse_format": packed_entry} if packed_entry else {}),
+    }
+    if recipe is not None:
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (tmp / "README.md").write_text(_model_card(manifest))
+    # Every file but the manifest is hashed, so load can verify all it reads and overwrite knows what it wrote.
+    files: dict[str, str] = {}
+    for path in sorted(tmp.rglob("*")):
+        name = path.relative_to(tmp).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ExportError(
+                f"the serialiser wrote '{name}', which is not a plain file; compressx exports only files"
+            )
+        if path.is_file():
+            problem = _file_entry_problem(name)
+            if problem:
+                raise ExportError(f"the serialiser wrote {problem}")
+            files[name] = _sha256(path)
+    manifest["files"] = files
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return len(files)
+
+
+def _commit(tmp: Path, target: Path, replace: bool) -> None:
+    """Move the finished export ``tmp`` to ``target``: the target holds the old export or the new one, whole.
+
+    ``replace`` says whether ``target`` held an export (checked, and allowed to be replaced) when the run began.
+    No target: a rename that fails, rather than replaces, when something appeared there meanwhile. An old export:
+    swapped with the new in one step (``RENAME_EXCHANGE``); without that, the old one is moved aside to
+    ``.<name>.old-*`` first and put back on failure, and a run killed between the two renames has it put back by
+    the next run on this target (``_recover``).
+    """
+    if not replace:
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError as err:
+            raise ExportError(
+                f"{target} appeared while the export was being written (another process?); it was left alone and "
+                "the new export discarded"
+            ) from err
+        fsync_dir(target.parent)
+        return
+    if exchange(tmp, target):  # tmp now holds the old export
+        fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / target.name)
+    try:
+        rename_noreplace(tmp, target)
+    except BaseException:
+        os.rename(old / target.name, target)
+        old.rmdir()
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    pattern = f".{glob.escape(target.name)}.{kind}-*"
+    return sorted(p for p in target.parent.glob(pattern) if p.is_dir() and not p.is_symlink())
+
+
+def _recover(target: Path) -> list[str]:
+    """Clean up after runs on ``target`` that were killed (the caller holds the target's lock, so no live run
+    owns them): put back an old export moved aside whose replacement never arrived, remove the rest. Logged;
+    returns what was done."""
+    done = []
+    for old in _leftovers(target, "old"):
+        kept = old / target.name
+        if not os.path.lexists(target) and kept.is_dir() and _is_export(kept):
+            os.rename(kept, target)
+            done.append(f"restored the export {target} that an interrupted run had moved aside to {old}")
+        shutil.rmtree(old)
+        done.append(f"removed {old}, left by an interrupted run")
+    for partial in _leftovers(target, "partial"):
+        shutil.rmtree(partial)
+        done.append(f"removed {partial}, left by an interrupted run")
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def recover_leftovers(target: str | os.PathLike) -> list[str]:
+    """Clean up what killed runs left beside ``target`` (see ``_recover``), unless a run is writing it now."""
+    target = Path(target)
+    if not target.parent.is_dir() or not (_leftovers(target, "old") or _leftovers(target, "partial")):
+        return []
+    try:
+        with target_lock(target, wait=False):
+            return _recover(target)
+    except LockBusy:
+        log.info("another run is writing %s: its temporary directories are left alone", target)
+    except OSError as err:
+        log.warning("could not clean up beside %s: %s", target, err)
+    return []
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        read_manifest(directory)
+    except ExportError:
+        return False
+    return True
+
+
+def _unlisted_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files (and links) under ``directory`` that its manifest does not list, the manifest itself aside."""
+    listed = set(manifest["files"]) | {MANIFEST}
+    found = []
+    for root, dirs, names in os.walk(directory):
+        rel = Path(root).relative_to(directory)
+        found += [(rel / n).as_posix() for n in names]
+        found += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+    return sorted(name for name in found if name not in listed)
+
+
+def overwrite_problem(target: str | os.PathLike) -> str | None:
+    """Why ``target`` may not be replaced by a new export; None when it is absent, an empty directory, or a
+    compressx export holding only the files its manifest lists. Used by ``save`` and by the recipe checks."""
+    target = Path(target)
+    refuse = "--overwrite (overwrite=True) replaces only a compressx export, and"
+    keep = "nothing was changed; move or delete it yourself, or choose another export directory"
+    if target.is_symlink():
+        return f"{refuse} {target} is a symbolic link; {keep}"
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return f"{refuse} {target} is a file; {keep}"
+    if not any(target.iterdir()):  # an empty directory (made ready for the export) holds nothing to lose
+        return None
+    try:
+        manifest = read_manifest(target)
+    except ExportError as err:
+        return f"{refuse} {err}; {keep}"
+    try:
+        unlisted = _unlisted_files(target, manifest)
+    except OSError as err:
+        return f"{refuse} {target} cannot be listed ({err}); {keep}"
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        return (
+            f"{refuse} {target} holds {len(unlisted)} file(s) its {MANIFEST} does not list ({shown}): compressx did "
+            f"not write them and replacing the export would delete them; {keep}"
+        )
+    return None
 
 
 def _set_permissions(directory: Path) -> None:
@@ -352,57 +531,222 @@ def _set_permissions(directory: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an export, checked for a known format version."""
+# The manifest's shape. A dict schema lists required keys ("?key": optional); {str: X} maps any key to X;
+# [X] is a list of X; a tuple is a union; NUMBER is an int or float (never a bool, nor a bool an int).
+NUMBER = "number"
+_STEP = {"pass": str, "kind": str, "config": dict, "?config_version": int, "targets": [str], "report": dict}
+_REAPPLY = {"pass": str, "config": dict, "?config_version": int, "?targets": (type(None), [str])}
+MANIFEST_SCHEMA: dict[Any, Any] = {
+    "format_version": int,
+    "versions": {str: str},
+    "?created": str,
+    "model": {
+        "format": str,
+        "class": str,
+        "?tokenizer": str,
+        "?dtype": str,
+        "?architecture": str,
+        "?kwargs": dict,
+        "?member": str,
+    },
+    "?source": (type(None), dict),
+    "steps": [_STEP],
+    "?reapply": [_REAPPLY],
+    "?eval": {str: {str: NUMBER}},
+    "?sparsity": {str: {"sparsity": NUMBER, "pattern": str}},
+    "?sparse_format": {
+        "format": str,
+        "file": str,
+        "bytes": int,
+        "dense_bytes": int,
+        "?ratio": (type(None), NUMBER),
+        "?tensors": int,
+    },
+    "files": {str: str},
+}
+# The files an export may hold: safetensors weights, JSON, text (tokenizers, card, recipe); never a pickle.
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".yaml", ".model", ".jinja", ".tiktoken")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _schema_problems(value: Any, schema: Any, where: str) -> list[str]:
+    if isinstance(schema, tuple):
+        tried = [_schema_problems(value, option, where) for option in schema]
+        return [] if any(not t for t in tried) else tried[-1]
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{where} must be a list, not {type(value).__name__}"]
+        return [p for i, item in enumerate(value) for p in _schema_problems(item, schema[0], f"{where}[{i}]")]
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where} must be an object, not {type(value).__name__}"]
+        if str in schema:
+            return [p for k, v in value.items() for p in _schema_problems(v, schema[str], f"{where}.{k}")]
+        problems = []
+        for key, sub in schema.items():
+            name = key.removeprefix("?")
+            if name in value:
+                problems += _schema_problems(value[name], sub, f"{where}.{name}" if where else name)
+            elif not key.startswith("?"):
+                problems.append(f"{where + '.' if where else ''}{name} is missing")
+        return problems
+    if schema == NUMBER:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return [] if ok else [f"{where} must be a number, not {type(value).__name__}"]
+    ok = isinstance(value, schema) and (schema is bool or not isinstance(value, bool))
+    return (
+        []
+        if ok
+        else [f"{where} must be {'null' if schema is type(None) else schema.__name__}, not {type(value).__name__}"]
+    )
+
+
+def _file_entry_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a file entry of an export: only relative paths inside it, no pickle formats."""
+    parts = name.split("/")
+    if not name or "\\" in name or "\0" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return (
+            f"'{name}', which is not a plain relative path inside the export (no '..', '.', '//', '\\' or leading '/')"
+        )
+    if name == MANIFEST:
+        return f"'{name}', which is the manifest itself"
+    if not name.endswith(ALLOWED_SUFFIXES):
+        return f"'{name}', which is not a safetensors, JSON or text file (allowed: {', '.join(ALLOWED_SUFFIXES)})"
+    return None
+
+
+def validate_manifest(manifest: Any, source: str) -> dict[str, Any]:
+    """Check a parsed manifest's version and shape (``MANIFEST_SCHEMA``) and its file entries; one ExportError
+    naming the problems. ``load``, ``show`` and ``verify`` all read manifests through this."""
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if type(version) is not int or version != FORMAT_VERSION:  # True == 1 and 1.0 == 1 in Python: not here
+        raise ExportError(
+            f"{source}: unknown format_version {version!r}; this compressx reads version {FORMAT_VERSION}"
+        )
+    problems = _schema_problems(manifest, MANIFEST_SCHEMA, "")
+    if not problems:
+        for name, digest in manifest["files"].items():
+            problem = _file_entry_problem(name)
+            if problem:
+                problems.append(f"files lists {problem}")
+            elif not _SHA256.fullmatch(digest):
+                problems.append(f"files.{name} is not a SHA-256 (64 lowercase hex digits)")
+        packed = manifest.get("sparse_format")
+        if packed and packed["file"] not in manifest["files"]:
+            problems.append(f"the packed file {packed['file']!r} has no hash in files")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ExportError(f"{source} is malformed: {shown}")
+    return manifest
+
+
+def manifest_digest(directory: str | os.PathLike) -> str:
+    """The SHA-256 of an export's ``compressx.json``: what ``compressx verify DIR --expect`` compares."""
+    return _sha256(Path(directory) / MANIFEST)
+
+
+def read_manifest(directory: str | os.PathLike, *, expect: str | None = None) -> dict[str, Any]:
+    """The manifest of an export, validated (``validate_manifest``). With ``expect``, its SHA-256 must be that."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ExportError(f"{directory} is not a compressx export: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise ExportError(f"{path} is unreadable: {err}") from err
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise ExportError(f"{path}: unknown format_version {version!r}; this compressx reads version {FORMAT_VERSION}")
-    return manifest
+    if expect is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expect.strip().lower():
+            raise ExportError(
+                f"{path} has SHA-256 {actual}, not the expected {expect.strip()}: this is not the export you were "
+                "given (or it was changed since)"
+            )
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        kind = "too deeply nested" if isinstance(err, RecursionError) else str(err)
+        raise ExportError(f"{path} is unreadable: not a UTF-8 JSON document ({kind})") from None
+    return validate_manifest(manifest, str(path))
 
 
-def verify(directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
-    """Check every recorded file exists and has its recorded SHA-256."""
-    manifest = manifest or read_manifest(directory)
-    for name, expected in manifest["files"].items():
-        path = Path(directory) / name
+def _inside(directory: Path, name: str) -> Path:
+    """``directory / name``, refused when it resolves (through links) outside ``directory``."""
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if not path.is_relative_to(root):
+        raise ExportError(f"{directory}: file '{name}' listed in {MANIFEST} leads outside the export (to {path})")
+    return path
+
+
+def verify(
+    directory: str | os.PathLike, manifest: dict[str, Any] | None = None, *, expect: str | None = None
+) -> dict[str, Any]:
+    """Check that every file the manifest lists lies inside the export, exists and has its recorded SHA-256;
+    return the manifest. Every path is checked before any file is read."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory, expect=expect)
+    paths = {name: _inside(directory, name) for name in manifest["files"]}
+    for name, path in paths.items():
         if not path.is_file():
             raise ExportError(f"{directory}: file '{name}' listed in {MANIFEST} is missing")
+    for name, path in paths.items():
         actual = _sha256(path)
+        expected = manifest["files"][name]
         if actual != expected:
             raise ExportError(
                 f"{directory}: file '{name}' is corrupt (SHA-256 {actual[:12]}…, expected {expected[:12]}…)"
             )
+    return manifest
 
 
-def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | None) -> Any:
+def unlisted_files(directory: str | os.PathLike) -> list[str]:
+    """The files under an export that its manifest does not list (``load`` never reads them)."""
+    return _unlisted_files(Path(directory), read_manifest(directory))
+
+
+@contextlib.contextmanager
+def _verified_view(directory: Path, manifest: dict[str, Any]) -> Iterator[Path]:
+    """A temporary directory holding links to the files the manifest lists, and nothing else: what the libraries'
+    ``from_pretrained`` are pointed at, so they cannot read (or fall back to) a file that was not verified."""
+    with tempfile.TemporaryDirectory(prefix="compressx-verified-") as view:
+        for name in manifest["files"]:
+            link = Path(view) / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(_inside(directory, name), link)
+        yield Path(view)
+
+
+def _read_weights(view: Path, entry: dict[str, Any], model: nn.Module | None) -> Any:
+    """Rebuild the model from ``view`` (a ``_verified_view``): safetensors only, never a fallback."""
     from safetensors.torch import load_model
 
-    fmt = entry.get("format")
+    fmt = entry["format"]
     if fmt == "transformers":
         import transformers
 
         cls = getattr(transformers, entry["class"], None)
-        if cls is None:
-            raise ExportError(f"this transformers has no class {entry['class']!r} to rebuild the model with")
-        return cls.from_pretrained(directory).eval()
+        if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+            raise ExportError(f"this transformers has no model class {entry['class']!r} to rebuild the model with")
+        return cls.from_pretrained(view, use_safetensors=True).eval()
     if fmt == "diffusers":
         import diffusers
 
+        if not (view / "model_index.json").is_file():
+            raise ExportError(f"{MANIFEST} lists no model_index.json, which a diffusers pipeline needs")
         # Components saved as absent (e.g. no safety checker) are passed as None, or from_pretrained refuses.
-        index = json.loads((directory / "model_index.json").read_text())
-        absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-        dtype = getattr(torch, entry.get("dtype", "float32"))
-        return diffusers.DiffusionPipeline.from_pretrained(directory, dtype=dtype, **absent)
+        index = json.loads((view / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+        dtype = getattr(torch, entry.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ExportError(f"unknown dtype {entry.get('dtype')!r} in the model entry")
+        return diffusers.DiffusionPipeline.from_pretrained(view, dtype=dtype, use_safetensors=True, **absent)
     if fmt == "timm":
         import timm
 
+        if not isinstance(entry.get("architecture"), str):
+            raise ExportError(
+                f"the model entry of a timm export needs an architecture name, not {entry.get('architecture')!r}"
+            )
         with torch.random.fork_rng():  # the init is overwritten by the weights: leave the caller's RNG alone
             model = timm.create_model(entry["architecture"], pretrained=False, **entry.get("kwargs", {}))
     elif fmt == "zoo":
@@ -410,51 +754,74 @@ def _read_weights(directory: Path, entry: dict[str, Any], model: nn.Module | Non
 
         try:
             with torch.random.fork_rng():
-                model = zoo.get_member(entry["member"]).build_empty()
+                model = zoo.get_member(str(entry.get("member"))).build_empty()
         except CompressxError as err:
-            raise ExportError(f"{directory}: {err}") from err
+            raise ExportError(str(err)) from err
     elif fmt == "torch":
         if model is None:
             raise ExportError(
-                f"{directory} holds a plain torch module ({entry.get('class')}); pass model=<an instance of it> "
+                f"it holds a plain torch module ({entry.get('class')}); pass model=<an instance of it> "
                 "to load the weights into"
             )
     else:
         known = "transformers, diffusers, timm, zoo, torch"
-        raise ExportError(f"{directory}: unknown model format {fmt!r}; known: {known}")
+        raise ExportError(f"unknown model format {fmt!r}; known: {known}")
     if fmt != "torch" and isinstance(getattr(torch, str(entry.get("dtype")), None), torch.dtype):
         model = model.to(getattr(torch, entry["dtype"]))
-    load_model(model, str(directory / "model.safetensors"))
+    if not (view / "model.safetensors").is_file():
+        raise ExportError(f"{MANIFEST} lists no model.safetensors to load the weights from")
+    load_model(model, str(view / "model.safetensors"))
     return model.eval()
 
 
-def load(directory: str | os.PathLike, *, model: nn.Module | None = None, progress: bool = False) -> Any:
+def load(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    progress: bool = False,
+    expect: str | None = None,
+) -> Any:
     """Rebuild a compressed model from an export: verify hashes, load weights, re-apply runtime passes.
+
+    Only the files the manifest lists, each verified against its SHA-256, are read, and weights only from
+    safetensors: a file the manifest does not list is invisible to the loaders, never a fallback.
 
     Args:
         directory: an export written by ``compressx.save`` / ``compressx apply``.
         model: for exports of plain torch modules, an instance to load the weights into.
         progress: show progress bars while re-applying passes.
+        expect: the SHA-256 of ``compressx.json`` you obtained separately (printed at export time): the export is
+            refused unless its manifest has exactly that digest.
     """
+    from safetensors import SafetensorError
+
     from compressx.api import apply
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify(directory, manifest)
+    manifest = verify(directory, read_manifest(directory, expect=expect))
     for entry in manifest.get("reapply", []):
-        spec = get_pass(entry["pass"])
+        try:
+            spec = get_pass(entry["pass"])
+        except CompressxError as err:
+            raise ExportError(f"{directory}: the export re-applies a pass this compressx lacks: {err}") from err
         if entry.get("config_version") != spec.config.version:
             raise ExportError(
                 f"pass '{entry['pass']}' config version {entry.get('config_version')} in the export, but the "
                 f"installed pass reads version {spec.config.version}"
             )
     try:
-        rebuilt = _read_weights(directory, manifest["model"], model)
-    except (OSError, RuntimeError, ValueError) as err:
+        with _verified_view(directory, manifest) as view:
+            rebuilt = _read_weights(view, manifest["model"], model)
+    except ExportError as err:
+        raise ExportError(f"{directory}: cannot rebuild the model: {err}") from err
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError, SafetensorError) as err:
         raise ExportError(f"{directory}: cannot rebuild the model: {err}") from err
     if manifest.get("reapply"):
-        steps = [{"pass": e["pass"], "config": e["config"], "targets": e["targets"]} for e in manifest["reapply"]]
-        apply(rebuilt, steps, progress=progress)
+        steps = [{"pass": e["pass"], "config": e["config"], "targets": e.get("targets")} for e in manifest["reapply"]]
+        try:
+            apply(rebuilt, steps, progress=progress)
+        except CompressxError as err:
+            raise ExportError(f"{directory}: re-applying the recorded passes failed: {err}") from err
     return rebuilt
 
 
@@ -479,10 +846,8 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
         raise ExportError(
             f"{directory}: unknown sparse_format {entry.get('format')!r}; this compressx reads bitmask and nm"
         )
-    if entry.get("file") not in manifest["files"]:
-        raise ExportError(f"{directory}: the packed file {entry.get('file')!r} has no hash in {MANIFEST}")
     verify(directory, manifest)
-    path = directory / entry["file"]
+    path = _inside(directory, entry["file"])
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -514,8 +879,12 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:
-    """The tokenizer saved with an export (a transformers tokenizer, or the zoo's byte tokenizer), or None."""
-    manifest = read_manifest(directory)
+    """The tokenizer saved with an export (a transformers tokenizer, or the zoo's byte tokenizer), or None.
+
+    Like ``load``, it reads only the files the manifest lists, verified against their SHA-256.
+    """
+    directory = Path(directory)
+    manifest = verify(directory)
     if manifest["model"].get("tokenizer") == "bytes":
         from compressx.data import ByteTokenizer
 
@@ -523,6 +892,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
     try:
         import transformers
 
-        return transformers.AutoTokenizer.from_pretrained(directory)
+        with _verified_view(directory, manifest) as view:
+            return transformers.AutoTokenizer.from_pretrained(view)
     except (OSError, ValueError, KeyError, TypeError):
         return None

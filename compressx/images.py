@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from compressx.config import check_seed
 from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
 
 IMAGE_SOURCES = ("digits", "image_folder")
@@ -76,9 +77,7 @@ def parse_image_data_spec(block: Any) -> ImageDataSpec:
     noise = block.get("noise", 0.0)
     if isinstance(noise, bool) or not isinstance(noise, int | float) or noise < 0:
         raise ConfigError(f"got {noise!r}; expected a number >= 0", path="noise")
-    seed = block.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"got {seed!r}; expected an integer", path="seed")
+    seed = check_seed(block.get("seed", 0))
     if source == "image_folder" and not isinstance(block.get("path"), str):
         raise ConfigError("image_folder needs 'path': the dataset root holding one directory per split", "path")
     image_size = block.get("image_size", 224)

@@ -15,6 +15,11 @@ plus the transient memory of one forward or of pruning one Linear. The formula, 
 measurement: docs/passes/wanda.md ("Memory") and docs/results/offload_memory.md. On CPU, freed memory is handed
 back to the OS after each phase of a layer (``release_freed_memory``), else glibc's heap keeps it.
 
+Resuming: with ``checkpoint`` (``compressx.checkpoint.LayerCheckpoints``), each pruned layer's target weights
+(and what the pass reports about it) are saved atomically after the layer; a resumed run loads the saved layers
+instead of calibrating and pruning them, and runs them forward to get the next layer's inputs, so it continues
+at the first layer without a checkpoint, with the inputs an uninterrupted run would have given it.
+
 Architectures are chosen through ``DECODER_LAYERS``: model_type -> path of the decoder layer list. Adding one
 is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the transformers Llama family.
 """
@@ -26,6 +31,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import logging
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,7 +41,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compressx.checkpoint import LayerCheckpoints
 from compressx.errors import CompressxError
+from compressx.ops.sparsity import check_finite
+from compressx.targets import weight_matrix
+
+log = logging.getLogger(__name__)
 
 # model_type (transformers config) -> dotted path of the ModuleList of decoder layers
 DECODER_LAYERS: dict[str, str] = {
@@ -43,10 +54,14 @@ DECODER_LAYERS: dict[str, str] = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
     "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
 }
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
-MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}
+MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)
 
 
@@ -62,6 +77,17 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     path = DECODER_LAYERS[model_type]
     layers = model.get_submodule(path)
     return path, layers
+
+
+def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
+    """``register_pass(check_model=...)`` of the layer-wise passes: why ``model``'s decoder layers cannot be found."""
+    if not isinstance(model, nn.Module):
+        return [f"layer-by-layer calibration needs a torch model, got {type(model).__name__}"]
+    try:
+        decoder_layers(model)
+    except (CompressxError, AttributeError) as err:
+        return [str(err)]
+    return []
 
 
 def is_mlp(model: nn.Module, relative_name: str) -> bool:
@@ -258,7 +284,51 @@ def capture_layer_inputs(
     return hiddens, kwargs_list
 
 
-PruneLayer = Callable[[int, dict[str, nn.Linear], dict[str, LinearStats]], None]
+# prune_layer(index, modules, stats): modules are Linear or Conv1D; it prunes ``compressx.targets.weight_matrix(m)``
+# in place and may return what it decided about them (JSON), kept in layer checkpoints.
+PruneLayer = Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], dict[str, Any] | None]
+
+
+def _restore_layer(
+    checkpoint: LayerCheckpoints | None,
+    index: int,
+    layer: nn.Module,
+    linears: dict[str, nn.Module],
+    offloaded: list[nn.Module],
+    device: torch.device,
+    counts: dict[str, tuple[int, int]],
+    prefix: str,
+) -> dict[str, Any] | None:
+    """Load layer ``index``'s pruned weights from ``checkpoint`` into ``linears`` (and into the offload storage
+    of offloaded ones) and count their zeros; returns the pass's saved info, or None when the layer is to be
+    pruned afresh."""
+    from accelerate.utils import align_module_device
+
+    saved = checkpoint.load(index) if checkpoint is not None and linears else None
+    if saved is None:
+        return None
+    weights, info = saved
+    if set(weights) != set(linears):
+        raise CompressxError(
+            f"--resume: the checkpoint of decoder layer {index} holds {sorted(weights)}, this run prunes "
+            f"{sorted(linears)}; choose another checkpoint dir"
+        )
+    with contextlib.ExitStack() as onloaded:
+        for module in offloaded:
+            onloaded.enter_context(align_module_device(module, device))
+        for name, linear in linears.items():
+            linear.weight.copy_(weights[name])
+            counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
+            owner = _offload_owner(layer, name) if offloaded else None
+            if owner is not None:
+                _store_offloaded(*owner, linear.weight)
+    log.info("decoder layer %d: pruned weights loaded from %s", index, checkpoint.store.path)
+    return info
+
+
+def _save_layer(checkpoint: LayerCheckpoints | None, index: int, linears: dict[str, nn.Module], info: Any) -> None:
+    if checkpoint is not None:
+        checkpoint.save(index, {name: linear.weight for name, linear in linears.items()}, info)
 
 
 @torch.no_grad()
@@ -272,6 +342,8 @@ def prune_layer_by_layer(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool = True,
+    checkpoint: LayerCheckpoints | None = None,
+    on_restore: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Calibrate and prune the target Linears of every decoder layer in order (see the module docstring).
 
@@ -288,6 +360,9 @@ def prune_layer_by_layer(
             ``cpu_offload``, ``disk_offload``) is left to its hooks: each layer's weights are onloaded for its
             forwards and for pruning, and the pruned weights are written back to the offload storage.
         progress: show a progress bar over layers.
+        checkpoint: save each pruned layer there; when it resumes, load the saved layers instead of pruning them.
+        on_restore: ``on_restore(layer_index, info)`` for each layer loaded from ``checkpoint``, with what
+            ``prune_layer`` returned for it (for the pass's report).
 
     Returns:
         ``name -> (exact zeros, numel)`` of every target after pruning (read while its weight was onloaded).
@@ -306,6 +381,8 @@ def prune_layer_by_layer(
     counts: dict[str, tuple[int, int]] = {}
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    if checkpoint is not None:
+        checkpoint.begin(model, tokens, targets)
     try:
         hiddens, kwargs_list = capture_layer_inputs(model, tokens, batch_size)
         hiddens = [h.to(device) for h in hiddens]
@@ -316,8 +393,11 @@ def prune_layer_by_layer(
             layer = layers[index] if offloaded else layers[index].to(device)
             prefix = f"{path}.{index}."
             linears = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
-            if linears:
-                stats = {name: LinearStats(m.in_features, with_hessian) for name, m in linears.items()}
+            restored = _restore_layer(checkpoint, index, layer, linears, offloaded, device, counts, prefix)
+            if restored is not None and on_restore is not None:
+                on_restore(index, restored)
+            if linears and restored is None:
+                stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
                 hooks = [
                     m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
                     for name, m in linears.items()
@@ -332,12 +412,16 @@ def prune_layer_by_layer(
                 with contextlib.ExitStack() as onloaded:
                     for module in offloaded:
                         onloaded.enter_context(align_module_device(module, device))
-                    prune_layer(index, linears, stats)
+                    # a weight's own NaN/Inf first: it also spoils the inputs of the modules after it
+                    check_finite({prefix + n: m.weight for n, m in linears.items()})
+                    check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
+                    info = prune_layer(index, linears, stats)
                     for name, linear in linears.items():
                         counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
                         owner = _offload_owner(layer, name) if offloaded else None
                         if owner is not None:
                             _store_offloaded(*owner, linear.weight)
+                    _save_layer(checkpoint, index, linears, info)
                 del stats
                 release_freed_memory()  # the onloaded weights and the pruning's temporaries
             hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]

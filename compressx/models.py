@@ -62,14 +62,22 @@ def parse_model_spec(block: Any) -> ModelSpec:
         raise ConfigError(f"got {block.get('source')!r}; allowed: {', '.join(SOURCES)}", path="source")
     if not isinstance(block.get("id"), str) or not block["id"]:
         raise ConfigError(f"got {block.get('id')!r}; expected a hub id, local directory or name", path="id")
-    if block.get("dtype", "float32") not in DTYPES:
-        raise ConfigError(f"got {block.get('dtype')!r}; allowed: {', '.join(DTYPES)}", path="dtype")
+    dtype = block.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(f"got {dtype!r}; allowed: {', '.join(DTYPES)}", path="dtype")
     if "class" in block and block["source"] != "hf":
         raise ConfigError("'class' applies to source hf only", path="class")
+    if "class" in block and (not isinstance(block["class"], str) or not block["class"]):
+        raise ConfigError(f"got {block['class']!r}; expected a transformers class name", path="class")
     if "pretrained" in block and (block["source"] not in ("timm", "zoo") or not isinstance(block["pretrained"], bool)):
         raise ConfigError("'pretrained' is true/false and applies to sources timm and zoo", path="pretrained")
-    if not isinstance(block.get("kwargs", {}), dict):
-        raise ConfigError("expected a mapping of keyword arguments", path="kwargs")
+    if "kwargs" in block and block["source"] == "zoo":
+        raise ConfigError(
+            "a zoo model takes no keyword arguments: 'kwargs' applies to sources hf, timm, diffusers", "kwargs"
+        )
+    kwargs = block.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"got {kwargs!r}; expected a mapping of keyword arguments (name: value)", path="kwargs")
     return ModelSpec(
         source=block["source"],
         id=block["id"],
@@ -101,8 +109,10 @@ def _hf_class(spec: ModelSpec):
 
 
 def _family_of(model: Any) -> str:
+    from compressx.targets import is_causal_lm
+
     name = type(model).__name__
-    if name.endswith("ForCausalLM"):
+    if isinstance(model, nn.Module) and is_causal_lm(model):  # GPT2LMHeadModel too, not only *ForCausalLM
         return "llm"
     if "Llava" in name or name.endswith("ForConditionalGeneration"):
         return "mllm"
@@ -111,8 +121,14 @@ def _family_of(model: Any) -> str:
     return "any"
 
 
-def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> LoadedModel:
-    """Build the model a spec names; with ``meta=True`` only its architecture, on the meta device."""
+def build_model(
+    spec: ModelSpec, meta: bool = False, progress: bool = True, run_model_code: bool = True
+) -> LoadedModel:
+    """Build the model a spec names; with ``meta=True`` only its architecture, on the meta device.
+
+    ``run_model_code=False`` never runs Python code shipped with a model (``kwargs: {trust_remote_code: true}`` is
+    dropped): an architecture defined by such code then fails to build.
+    """
     dtype = DTYPES[spec.dtype]
     try:
         if spec.source == "zoo":
@@ -139,17 +155,21 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
 
             cls = _hf_class(spec)
             if meta:
-                config = transformers.AutoConfig.from_pretrained(spec.id, **spec.kwargs)
+                kwargs = spec.kwargs if run_model_code else {**spec.kwargs, "trust_remote_code": False}
+                config = transformers.AutoConfig.from_pretrained(spec.id, **kwargs)
                 with torch.device("meta"):
                     if hasattr(cls, "from_config"):
                         model = cls.from_config(config, dtype=dtype)
                     else:
                         model = cls._from_config(config, dtype=dtype)
             else:
-                model = cls.from_pretrained(spec.id, dtype=dtype, **spec.kwargs).eval()
+                # safetensors only, never a pickled checkpoint, whatever the kwargs say
+                kwargs = spec.kwargs if run_model_code else {**spec.kwargs, "trust_remote_code": False}
+                model = cls.from_pretrained(spec.id, dtype=dtype, **{**kwargs, "use_safetensors": True}).eval()
             family = _family_of(model)
             # Multimodal models get their processor (text + images) where text models get their tokenizer.
-            tokenizer = _hf_processor(spec.id) if family == "mllm" else _hf_tokenizer(spec.id)
+            loader = _hf_processor if family == "mllm" else _hf_tokenizer
+            tokenizer = loader(spec.id) if run_model_code else loader(spec.id, trust_remote_code=False)
             return LoadedModel(model, spec, tokenizer, family)
         if spec.source == "timm":
             import timm
@@ -167,7 +187,8 @@ def build_model(spec: ModelSpec, meta: bool = False, progress: bool = True) -> L
                 # A pipeline is several models; validation only checks that the pipeline config resolves.
                 # Pipeline passes take no targets, so there is nothing to resolve against the modules.
                 return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
-            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, dtype=dtype, **spec.kwargs)
+            kwargs = {**spec.kwargs, "use_safetensors": True}  # never a pickled checkpoint
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, dtype=dtype, **kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:
         raise
@@ -183,22 +204,22 @@ def _timm_family(model_id: str) -> str:
     return "cnn" if model_id.startswith(cnn) else "any"
 
 
-def _hf_tokenizer(model_id: str) -> Any:
+def _hf_tokenizer(model_id: str, **kwargs: Any) -> Any:
     """The model's tokenizer, or None when its directory has none (metrics that need text then say so)."""
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(model_id)
+        return transformers.AutoTokenizer.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _hf_processor(model_id: str) -> Any:
+def _hf_processor(model_id: str, **kwargs: Any) -> Any:
     """The model's processor (tokenizer and image processor), or None when its directory has none."""
     import transformers
 
     try:
-        return transformers.AutoProcessor.from_pretrained(model_id)
+        return transformers.AutoProcessor.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

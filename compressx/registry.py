@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
+from compressx.checkpoint import LayerCheckpoints
 from compressx.config import PassConfig
 from compressx.errors import RegistryError, unknown_name_message
 
@@ -45,12 +46,15 @@ class PassContext:
     ``original_weights`` maps each target's name to a CPU copy of its weight taken before the first step of the
     ``apply`` call ran — only for a step whose config has ``needs_original_weights = True`` (e.g. DSnoT refining
     the mask an earlier step left, which needs the dense values back).
+    ``checkpoint``, when the run keeps checkpoints, is where a layer-by-layer pass saves each pruned layer and
+    resumes from (``compressx.layerwise.prune_layer_by_layer``).
     """
 
     targets: dict[str, nn.Module]
     calibration: Any = None
     progress: bool = True
     original_weights: dict[str, Any] | None = None
+    checkpoint: LayerCheckpoints | None = None
 
 
 @dataclasses.dataclass
@@ -94,6 +98,7 @@ class PassSpec:
     needs: tuple[str, ...] = ()
     default_targets: tuple[str, ...] | None = None
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None
+    check_model: Callable[[Any, PassConfig], list[str]] | None = None
     origin: str = ""
 
     @property
@@ -112,6 +117,7 @@ def register_pass(
     needs: Iterable[str] = (),
     default_targets: Iterable[str] | None = None,
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None,
+    check_model: Callable[[Any, PassConfig], list[str]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Mark ``fn(model, config, ctx) -> PassResult`` as the pass ``name``.
 
@@ -120,13 +126,18 @@ def register_pass(
         config: the pass's frozen ``PassConfig`` dataclass.
         kind: ``weights`` | ``training`` | ``runtime`` | ``pipeline``.
         paper: the paper (title and arXiv id) or ``"baseline"``.
-        families: model families the pass supports (e.g. ``("llm", "vit", "cnn")``), shown by ``compressx list``.
+        families: model families the pass supports (e.g. ``("llm", "vit", "cnn")``), shown by ``compressx list``
+            and checked by ``compressx validate`` against the model's family (``"any"``: models of no known family).
         target_types: module classes the pass changes; ``targets`` in a recipe select among them. ``None`` for a
             pass that acts on the whole model and takes no targets.
         needs: inputs the pass requires, e.g. ``("calibration",)``.
-        default_targets: target patterns used when a step gives none (default: the whole model).
+        default_targets: target patterns used when a step gives none (a causal LM's decoder layers take
+            precedence; without either: the whole model). See ``compressx.targets.default_targets``.
         check: optional ``check(targets, config) -> [problem, ...]`` run by ``compressx validate`` on the meta
             model (shapes only, no weights), e.g. to reject an input dimension that N:M cannot divide.
+        check_model: optional ``check_model(model, config) -> [problem, ...]`` run by ``compressx validate`` on the
+            meta model (a pipeline's ``model_index.json`` mapping for pipeline passes) and by ``apply`` before any
+            step runs: what the pass would refuse about the model itself (class, layers, scheduler).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise RegistryError(f"pass name {name!r} is not snake_case (lowercase letters, digits, single underscores)")
@@ -159,6 +170,7 @@ def register_pass(
             needs=tuple(needs),
             default_targets=None if default_targets is None else tuple(default_targets),
             check=check,
+            check_model=check_model,
             origin=f"{fn.__module__}.{fn.__qualname__}",
         )
         setattr(fn, _SPEC_ATTR, spec)

@@ -9,6 +9,7 @@ train:
   schedule: {name: cosine, warmup_epochs: 0}                             # or constant
   label_smoothing: 0.0
   seed: 0
+  checkpoint: {dir: ckpt/run, every: 5}                                  # optional: resumable (--resume)
 ```
 
 It is an ordinary loop that calls the training passes' ``handle.on_epoch_start(epoch)`` before every epoch, so
@@ -18,6 +19,12 @@ process; gradients, hence LBC's scores, are all-reduced, so every process remove
 
 The learning rate is set every iteration: linear warm-up over ``warmup_epochs``, then cosine to 0 (the LBC and
 SpRe recipes: 5 warm-up epochs, cosine, SGD 0.1 momentum 0.9, weight decay 1e-4, label smoothing 0.1).
+
+With ``checkpoint``, every ``every`` epochs (and after the last) the state a bit-identical continuation needs is
+written atomically (``compressx.checkpoint``): the model's ``state_dict`` (with the pass's scores and masks), the
+optimizer's state, the handles' ``state_dict``, the RNG states (torch, CUDA, numpy, Python, the data loader's
+generator, which sets the data order) and the epoch; the learning-rate schedule is a function of the epoch.
+``train(..., resume=True)`` continues after the latest one.
 """
 
 from __future__ import annotations
@@ -25,22 +32,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from compressx.errors import ConfigError, unknown_key_message
+from compressx.checkpoint import (
+    CheckpointDir,
+    CheckpointSpec,
+    join_tensors,
+    json_digest,
+    model_digest,
+    parse_checkpoint_spec,
+    split_tensors,
+)
+from compressx.config import check_seed
+from compressx.errors import CheckpointError, ConfigError, unknown_key_message
 from compressx.images import ImageDataSpec, loader, parse_image_data_spec
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
-_KEYS = ("data", "epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "seed")
+_KEYS = ("data", "epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "seed", "checkpoint")
 _OPTIMIZER_KEYS = ("name", "lr", "momentum", "weight_decay", "norm_weight_decay", "nesterov")
 _SCHEDULE_KEYS = ("name", "warmup_epochs")
 
@@ -62,9 +81,10 @@ class TrainSpec:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     seed: int = 0
+    checkpoint: CheckpointSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "data": self.data.to_dict(),
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -80,6 +100,13 @@ class TrainSpec:
             "label_smoothing": self.label_smoothing,
             "seed": self.seed,
         }
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint.to_dict()
+        return out
+
+    def fingerprint(self) -> str:
+        """What decides the training's result: everything but where and how often checkpoints are written."""
+        return json_digest({k: v for k, v in self.to_dict().items() if k != "checkpoint"})
 
 
 def _number(block: dict, key: str, default: float, path: str, low: float = 0.0) -> float:
@@ -135,6 +162,12 @@ def parse_train_spec(block: Any) -> TrainSpec:
     if smoothing >= 1:
         raise ConfigError(f"got {smoothing}; must be in [0, 1)", path="label_smoothing")
     weight_decay = _number(optimizer, "weight_decay", 1e-4, "optimizer.")
+    checkpoint = None
+    if block.get("checkpoint") is not None:
+        try:
+            checkpoint = parse_checkpoint_spec(block["checkpoint"])
+        except ConfigError as err:
+            raise ConfigError(err.detail, path=f"checkpoint.{err.path}" if err.path else "checkpoint") from err
     return TrainSpec(
         data=data,
         epochs=epochs,
@@ -148,7 +181,8 @@ def parse_train_spec(block: Any) -> TrainSpec:
         schedule=schedule_name,
         warmup_epochs=warmup,
         label_smoothing=smoothing,
-        seed=_integer(block, "seed", 0, "", 0),
+        seed=check_seed(block.get("seed", 0)),
+        checkpoint=checkpoint,
     )
 
 
@@ -178,11 +212,124 @@ def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.lr)
 
 
-def train(model: nn.Module, spec: TrainSpec, handles: list[Any] = (), progress: bool = True) -> dict[str, Any]:
+def _rng_state(generators: list[torch.Generator]) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generators": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generators: list[torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for generator, generator_state in zip(generators, state["generators"], strict=True):
+        generator.set_state(generator_state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loader_generators(*loaders: Any) -> list[torch.Generator]:
+    """The generators that decide a loader's order (the shuffling sampler's, the loader's own), each once."""
+    found: dict[int, torch.Generator] = {}
+    for data in loaders:
+        samplers = [getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)]
+        for owner in [data, *samplers]:
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found.setdefault(id(generator), generator)
+    return list(found.values())
+
+
+def save_training_checkpoint(
+    store: CheckpointDir,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    handles: list[Any],
+    generators: list[torch.Generator],
+    history: list[dict[str, Any]],
+    digest: str,
+) -> None:
+    """Write ``epoch-NNNN`` (everything a bit-identical continuation needs), then delete the older entries."""
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = {
+        "kind": "train",
+        "epoch": epoch,
+        "model_digest": digest,
+        "model": [k[len("model.") :] for k in tensors],
+        "optimizer": split_tensors(optimizer.state_dict(), "optimizer.", tensors),
+        "handles": [
+            split_tensors(h.state_dict(), "handle.", tensors) if hasattr(h, "state_dict") else None for h in handles
+        ],  # fmt: skip
+        "rng": split_tensors(_rng_state(generators), "rng.", tensors),
+        "history": history,
+    }
+    name = f"epoch-{epoch:04d}"
+    store.write(name, tensors, state)
+    for older in store.entries("epoch-"):
+        if older < name:
+            store.remove(older)
+    log.info("checkpoint after epoch %d written to %s", epoch, store.path / name)
+
+
+def load_training_checkpoint(
+    store: CheckpointDir,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    handles: list[Any],
+    generators: list[torch.Generator],
+    digest: str,
+) -> tuple[int, list[dict[str, Any]]] | None:
+    """Restore the latest checkpoint into the run; returns (its epoch, the history so far), or None if none."""
+    names = store.entries("epoch-")
+    if not names:
+        log.info("--resume: no checkpoint in %s yet; training from epoch 0", store.path)
+        return None
+    tensors, state = store.read(names[-1])
+    if state.get("model_digest") != digest:
+        raise CheckpointError(
+            f"--resume: {store.path / names[-1]} was written by a run that started from other model weights; "
+            "resume with the same model, or choose another checkpoint dir"
+        )
+    try:
+        model.load_state_dict({k: tensors[f"model.{k}"] for k in state["model"]}, strict=True)
+        optimizer.load_state_dict(join_tensors(state["optimizer"], tensors))
+        saved_handles = state["handles"]
+        if len(saved_handles) != len(handles):
+            raise ValueError(f"{len(saved_handles)} pass handle(s) saved, {len(handles)} in this run")
+        for handle, saved in zip(handles, saved_handles):
+            if saved is not None:
+                handle.load_state_dict(join_tensors(saved, tensors))
+        _set_rng_state(join_tensors(state["rng"], tensors), generators)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"--resume: {store.path / names[-1]} does not fit this run: {err}") from err
+    log.info("resumed from %s (after epoch %d)", store.path / names[-1], state["epoch"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def train(
+    model: nn.Module,
+    spec: TrainSpec,
+    handles: list[Any] = (),
+    progress: bool = True,
+    *,
+    resume: bool = False,
+    store: CheckpointDir | None = None,
+) -> dict[str, Any]:
     """Train ``model`` in place as ``spec`` says, driving the training-pass ``handles``; returns a summary.
 
     The summary holds the per-epoch mean loss and learning rate, the wall time, and the mean time of a training
     step (forward, backward, optimizer step) after the first epoch.
+
+    With ``spec.checkpoint``, checkpoints go to ``store`` (default: a ``CheckpointDir`` at ``spec.checkpoint.dir``
+    fingerprinted by ``spec``); ``resume`` continues after the latest one, bit-identically to a run never
+    interrupted. Under DDP the main process writes, and every process loads the same checkpoint.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -192,12 +339,31 @@ def train(model: nn.Module, spec: TrainSpec, handles: list[Any] = (), progress: 
     set_seed(spec.seed)
     data = loader(spec.data, spec.batch_size, shuffle=True, seed=spec.seed)
     optimizer = build_optimizer(model, spec)
+    plain_data = data
     wrapped, optimizer, data = accelerator.prepare(model, optimizer, data)
     per_epoch = len(data)
     history, step_times = [], []
+    first_epoch = 0
+    generators, digest = [], ""
+    if spec.checkpoint is not None:
+        if store is None:
+            store = CheckpointDir(spec.checkpoint.dir, {"train": spec.fingerprint()})
+            store.open(resume)
+        generators = _loader_generators(plain_data, data)
+        digest = model_digest(model)
+        restored = (
+            load_training_checkpoint(store, model, optimizer, list(handles), generators, digest) if resume else None
+        )
+        if restored is not None:
+            first_epoch, history = restored[0] + 1, restored[1]
     start = time.perf_counter()
-    bar = tqdm(total=spec.epochs * per_epoch, desc="train", disable=not progress or not accelerator.is_main_process)
-    for epoch in range(spec.epochs):
+    bar = tqdm(
+        total=spec.epochs * per_epoch,
+        initial=first_epoch * per_epoch,
+        desc="train",
+        disable=not progress or not accelerator.is_main_process,
+    )
+    for epoch in range(first_epoch, spec.epochs):
         for handle in handles:
             handle.on_epoch_start(epoch)
         wrapped.train()
@@ -219,11 +385,20 @@ def train(model: nn.Module, spec: TrainSpec, handles: list[Any] = (), progress: 
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(total / max(count, 1), 6), "lr": round(lr, 8)})
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        if spec.checkpoint is not None and ((epoch + 1) % spec.checkpoint.every == 0 or epoch == spec.epochs - 1):
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(wrapped)
+                save_training_checkpoint(
+                    store, epoch, unwrapped, optimizer, list(handles), generators, history, digest
+                )
+            accelerator.wait_for_everyone()
     bar.close()
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start
     log.info("trained %d epoch(s) in %.1f s: final loss %.4f", spec.epochs, seconds, history[-1]["loss"])
+    resumed = {"resumed_after_epoch": first_epoch - 1} if first_epoch else {}
     return {
+        **resumed,
         "epochs": spec.epochs,
         "seconds": round(seconds, 3),
         "step_seconds": round(sum(step_times) / len(step_times), 6) if step_times else None,

@@ -3,19 +3,78 @@
     python examples/train_nm_plain.py --pattern 2:4 --epochs 20
 
 The three compressx calls are marked (1), (2), (3); everything else is an ordinary loop. Checkpoints hold the
-model's state_dict (LBC's scores and alive candidates included) and the handle's state; --resume continues one.
+model's state_dict (LBC's scores and alive candidates included), the optimizer's, the scheduler's, the handle's
+state and the data order; --resume continues one. A checkpoint is one safetensors file (tensors as tensors, the
+rest as JSON in its metadata: no pickle), replaced atomically, so a crash while writing keeps the previous one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import compressx
 from compressx.images import digits_tensors, parse_image_data_spec
 from compressx.zoo.resnet_digits import build_empty
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` (nested dicts and lists of tensors, numbers, strings) to ``path`` atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, where: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[where] = value.detach().cpu().clone().contiguous()
+            return {"__tensor__": where}
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: encode(v, f"{where}/{k}") for k, v in value.items()}
+        if isinstance(value, dict):  # e.g. the optimizer's per-parameter state, keyed by int
+            return {"__items__": [[k, encode(v, f"{where}/{k}")] for k, v in value.items()]}
+        if isinstance(value, list | tuple):
+            return [encode(v, f"{where}/{i}") for i, v in enumerate(value)]
+        return value
+
+    skeleton = json.dumps(encode(state, "state"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"state": skeleton})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """The state ``save_checkpoint`` wrote."""
+    with safe_open(path, framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+        skeleton = json.loads(f.metadata()["state"])
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict) and "__items__" in value:
+            return {k: decode(v) for k, v in value["__items__"]}
+        if isinstance(value, dict):
+            return {k: decode(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return decode(skeleton)
 
 
 def main() -> None:
@@ -37,7 +96,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
     first_epoch = 0
     if args.resume:
-        state = torch.load(args.checkpoint, weights_only=False)
+        state = load_checkpoint(args.checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -62,7 +121,7 @@ def main() -> None:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "handle": handle.state_dict(),
                      "shuffle": generator.get_state()}  # fmt: skip
-            torch.save(state, args.checkpoint)
+            save_checkpoint(args.checkpoint, state)
 
     model = handle.finalize()  # (3) plain Conv2d / Linear modules whose weights hold the N:M zeros
     model.eval()

@@ -1,5 +1,6 @@
 """The N:M training examples run as documented (shortened with --epochs), export, reload, and resume exactly."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import compressx
@@ -58,12 +60,15 @@ def test_plain_example_trains_exports_and_reloads(tmp_path):
 def test_plain_example_resume_equals_an_uninterrupted_run(tmp_path):
     # Uninterrupted: 4 epochs. Interrupted: the same command stopped right after its 2nd checkpoint (as a crash
     # would), then resumed with --resume. Same printed result, and the same exported weights bit for bit.
-    whole = run(PLAIN, "--epochs", "4", "--checkpoint", str(tmp_path / "a.pt"), "--export", str(tmp_path / "a"))
+    whole = run(
+        PLAIN, "--epochs", "4", "--checkpoint", str(tmp_path / "a.safetensors"), "--export", str(tmp_path / "a")
+    )
     expected = result_line(whole)
-    checkpoint = str(tmp_path / "b.pt")
+    checkpoint = str(tmp_path / "b.safetensors")
     stopped = run(INTERRUPT, "2", PLAIN, "--epochs", "4", "--checkpoint", checkpoint, "--export", str(tmp_path / "b"))
     assert stopped.returncode == 3 and "interrupted" in stopped.stdout and not RESULT.search(stopped.stdout)
-    assert torch.load(checkpoint, weights_only=False)["handle"]["epoch"] == 1
+    with safe_open(checkpoint, framework="pt") as f:  # safetensors; the state beside the tensors is JSON
+        assert json.loads(f.metadata()["state"])["handle"]["epoch"] == 1
     resumed = run(PLAIN, "--epochs", "4", "--checkpoint", checkpoint, "--resume", "--export", str(tmp_path / "b"))
     assert result_line(resumed) == expected
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))

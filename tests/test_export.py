@@ -80,9 +80,12 @@ def test_existing_target_needs_overwrite(tiny_llama, tmp_path):
     compressx.save(tiny_llama, tmp_path / "exp")
     with pytest.raises(ExportError, match="exists; pass overwrite=True"):
         compressx.save(tiny_llama, tmp_path / "exp")
-    (tmp_path / "exp" / "stale.txt").write_text("from an older export")
+    compressx.save(tiny_llama, tmp_path / "exp", overwrite=True, sparse_format="bitmask")
+    assert (tmp_path / "exp" / "sparse.safetensors").is_file()
+    # A file an older export wrote (listed in its manifest) and the new one does not is gone: a stale file.
+    # (A file the manifest does not list is refused instead: tests/test_export_safety.py.)
     compressx.save(tiny_llama, tmp_path / "exp", overwrite=True)
-    assert not (tmp_path / "exp" / "stale.txt").exists()
+    assert not (tmp_path / "exp" / "sparse.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temporary directories left
 
 

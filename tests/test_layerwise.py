@@ -96,5 +96,5 @@ def test_unsupported_architecture_gets_a_clear_error():
     with pytest.raises(CompressxError) as err:
         decoder_layers(model)
     message = str(err.value)
-    assert "supports model types llama, mistral, opt, qwen2, qwen3" in message
+    assert "supports model types gpt2, llama, mistral, mixtral, opt, qwen2, qwen2_moe, qwen3, qwen3_moe" in message
     assert "model_type 'gpt_neox'" in message and "compressx.layerwise.DECODER_LAYERS" in message

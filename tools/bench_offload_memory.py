@@ -68,11 +68,13 @@ CHILD = textwrap.dedent(
     imported = rss()
     ckpt, mode, offload, pass_name = sys.argv[1:5]
     if mode == "memory":
-        model = transformers.LlamaForCausalLM.from_pretrained(ckpt)
+        model = transformers.LlamaForCausalLM.from_pretrained(ckpt, use_safetensors=True)
     else:
         device_map = {{"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}}
         device_map.update({{f"model.layers.{{i}}": "disk" for i in range({LAYERS})}})
-        model = transformers.LlamaForCausalLM.from_pretrained(ckpt, device_map=device_map, offload_folder=offload)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            ckpt, device_map=device_map, offload_folder=offload, use_safetensors=True
+        )
     loaded = rss()
     peak[0], peak[1] = loaded  # from here on, the peak of the pruning phase
     tokens = torch.randint(0, 256, ({SAMPLES}, {SEQ_LEN}), generator=torch.Generator().manual_seed(0))

@@ -61,7 +61,7 @@ def main() -> None:
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(f"{tmp}/ckpt")
         gc.collect()
         if args.mode == "memory":
-            model = transformers.LlamaForCausalLM.from_pretrained(f"{tmp}/ckpt")
+            model = transformers.LlamaForCausalLM.from_pretrained(f"{tmp}/ckpt", use_safetensors=True)
         else:
             device_map = {
                 "model.embed_tokens": "cpu",
@@ -71,7 +71,7 @@ def main() -> None:
             }
             device_map.update({f"model.layers.{i}": "disk" for i in range(CONFIG["num_hidden_layers"])})
             model = transformers.LlamaForCausalLM.from_pretrained(
-                f"{tmp}/ckpt", device_map=device_map, offload_folder=f"{tmp}/offload"
+                f"{tmp}/ckpt", device_map=device_map, offload_folder=f"{tmp}/offload", use_safetensors=True
             )
         loaded = rss_mib()
         peak[:] = loaded

@@ -141,3 +141,14 @@ def nm_shape_problems(weights: dict[str, torch.Tensor], nm: tuple[int, int] | No
         for name, w in weights.items()
         if to_input_last(w).shape[-1] % m
     ]
+
+
+def check_finite(weights: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Raise ``CompressxError`` naming every tensor that holds NaN or Inf: scores and masks built on them are
+    meaningless (and SparseGPT's Cholesky factorisation fails), so a pass refuses them instead of going on."""
+    from compressx.errors import CompressxError
+
+    bad = [name for name, w in weights.items() if w.device.type != "meta" and not bool(torch.isfinite(w).all())]
+    if bad:
+        listed = ", ".join(f"'{n}'" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CompressxError(f"the {what} of {listed} hold NaN or Inf values; fix the model (or ignore these) first")

@@ -44,7 +44,7 @@ import dataclasses
 import inspect
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -223,6 +223,36 @@ def check_pipeline(pipe: Any) -> str:
     raise CompressxError(
         f"cutdiffusion applies to a diffusers {' or '.join(SUPPORTED_PIPELINES)}, got {type(pipe).__name__}"
     )
+
+
+def pipeline_problems(pipe: Any, config: Any = None) -> list[str]:
+    """``register_pass(check_model=...)``: the pipeline class and scheduler refusals, from a pipeline or from the
+    ``model_index.json`` mapping ``compressx validate`` reads (``{"_class_name": ..., "scheduler": [lib, cls]}``),
+    so SD3 / Flux pipelines or a PNDM / DPM-Solver scheduler are refused before any weights load."""
+    if not isinstance(pipe, Mapping):
+        problems = []
+        for check in (check_pipeline, lambda p: check_scheduler(p.scheduler)):
+            try:
+                check(pipe)
+            except (CompressxError, AttributeError) as err:
+                problems.append(str(err))
+        return problems
+    problems = []
+    name = str(pipe.get("_class_name"))
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    names = [c.__name__ for c in cls.__mro__] if isinstance(cls, type) else [name]
+    if not any(supported in names for supported in SUPPORTED_PIPELINES):
+        problems.append(f"cutdiffusion applies to a diffusers {' or '.join(SUPPORTED_PIPELINES)}, got {name}")
+    scheduler = pipe.get("scheduler")
+    if isinstance(scheduler, list | tuple) and len(scheduler) == 2 and scheduler[1] not in SUPPORTED_SCHEDULERS:
+        problems.append(
+            f"cutdiffusion cannot sample with {scheduler[1]}: windows and sub-latents need a scheduler whose step "
+            f"keeps no history and adds no fresh noise; supported: {', '.join(SUPPORTED_SCHEDULERS)} (change the "
+            "scheduler entry of model_index.json and scheduler/scheduler_config.json's _class_name)"
+        )
+    return problems
 
 
 def _set_step(scheduler: Any, index: int) -> None:
@@ -503,6 +533,7 @@ def _patched_class(base: type, config: CutdiffusionConfig) -> type:
     kind="pipeline",
     paper="CutDiffusion: A Simple, Fast, Cheap, and Strong Diffusion Extrapolation Method (arXiv:2404.15141)",
     families=("diffusion",),
+    check_model=pipeline_problems,
 )
 def apply_cutdiffusion(model: Any, config: CutdiffusionConfig, ctx: PassContext) -> PassResult:
     """Make ``pipe(prompt, height=..., width=...)`` sample with CutDiffusion at multiples of the native size."""

@@ -31,24 +31,27 @@ Where this follows the paper rather than the reference code (see the spec, §A.1
   ``update_threshold / 2048``, so the threshold means the same at any calibration sequence length.
 * A variance of exactly zero is floored at 1e-12 before the division.
 
-Touches: the ``weight`` of the targeted ``Linear`` modules inside the decoder layers, in place; irreversible.
+Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
+Linear) inside the decoder layers, in place; irreversible. Fused MoE expert parameters are refused (prune them with
+``magnitude``); NaN/Inf weights or calibration inputs are refused naming the module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, decoder_layers, is_mlp, prune_layer_by_layer
+from compressx.layerwise import LinearStats, decoder_layers, is_mlp, layerwise_problems, prune_layer_by_layer
 from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
 from compressx.passes.sparsegpt import sparsegpt_prune, sparsegpt_scores
-from compressx.passes.wanda import DECODER_LINEARS, wanda_scores
+from compressx.passes.wanda import DECODER_LINEARS, LAYERWISE_TYPES, wanda_scores
 from compressx.registry import PassContext, PassResult, register_pass
+from compressx.targets import TransposedLinear, weight_matrix
 
 REFERENCE_SEQ_LEN = 2048  # the sequence length the reference threshold is expressed at
 _VAR_FLOOR = 1e-12
@@ -250,7 +253,7 @@ def initial_mask(
 
 
 def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
-    return nm_shape_problems({name: m.weight for name, m in targets.items()}, config.nm)
+    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
 
 @register_pass(
@@ -259,10 +262,11 @@ def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
     kind="weights",
     paper="DSnoT: Dynamic Sparse No Training (arXiv:2310.08915)",
     families=("llm",),
-    target_types=(nn.Linear,),
+    target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
     check=_check,
+    check_model=layerwise_problems,
 )
 def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> PassResult:
     """Prune with the initial method and refine each mask with DSnoT, layer by layer."""
@@ -272,40 +276,46 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
 
     if config.init == "previous":  # check every mask before any layer is refined
         for name, module in ctx.targets.items():
-            keep = module.weight != 0
+            keep = weight_matrix(module) != 0
             if bool(keep.all()):
                 raise ConfigError(f"init: previous, but '{name}' has no zeros: run a pruning step before dsnot")
             if config.nm and not bool((keep.reshape(-1, config.nm[1]).sum(dim=1) == config.nm[0]).all()):
                 raise ConfigError(f"init: previous, but the mask of '{name}' is not {config.pattern}", "pattern")
 
-    def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> None:
+    def prune(index: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats]) -> dict[str, Any]:
+        layer_refined = {}  # this layer's part of the report: returned, so that layer checkpoints keep it
         for name, linear in linears.items():
             s = stats[name]
+            weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
             if config.init == "previous":
-                current = linear.weight.detach().float()
-                dense = ctx.original_weights[f"{layers_path}.{index}.{name}"].to(current)
+                current = weight.detach().float()
+                original = ctx.original_weights[f"{layers_path}.{index}.{name}"]  # stored as the module holds it
+                dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
                 keep, score = current != 0, wanda_scores(current, s.sq_norm)
             else:
-                dense = linear.weight
-                current, keep, score = initial_mask(linear.weight, s, config)
+                dense = weight
+                current, keep, score = initial_mask(weight, s, config)
             if is_mlp(model, name) and not config.refine_mlp:
-                linear.weight.copy_(current.to(linear.weight.dtype))
+                weight.copy_(current.to(weight.dtype))
                 continue
             result = dsnot_refine(
                 dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
                 threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
                 init_score=score,
             )  # fmt: skip
-            linear.weight.copy_(result.weight.to(linear.weight.dtype))
-            refined[f"layers.{index}.{name}"] = {
+            weight.copy_(result.weight.to(weight.dtype))
+            layer_refined[f"layers.{index}.{name}"] = {
                 "mean_abs_error_before": result.error_before.abs().mean().item(),
                 "mean_abs_error_after": result.error_after.abs().mean().item(),
                 "mean_swaps_per_row": result.swaps.float().mean().item(),
             }
+        refined.update(layer_refined)
+        return layer_refined
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=config.init == "sparsegpt",
-        batch_size=config.batch_size, device=config.device, progress=ctx.progress,
+        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        on_restore=lambda index, layer_refined: refined.update(layer_refined),
     )  # fmt: skip
     report = sparsity_report(counts)
     before = sum(r["mean_abs_error_before"] for r in refined.values())

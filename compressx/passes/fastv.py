@@ -28,6 +28,7 @@ import torch.nn as nn
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
 from compressx.ops.token_withdrawal import TokenWithdrawal, decoder_of, keep_index, withdrawal_flops
+from compressx.passes.vtw import withdrawal_problems
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -72,6 +73,7 @@ def fastv_keep(vision: torch.Tensor, attention: torch.Tensor | None, ratio: floa
     kind="runtime",
     paper="An Image is Worth 1/2 Tokens After Layer 2 (FastV, arXiv:2403.06764)",
     families=("mllm",),
+    check_model=withdrawal_problems,
 )
 def apply_fastv(model: nn.Module, config: FastvConfig, ctx: PassContext) -> PassResult:
     """Drop the least-attended vision tokens from layer K on; report the analytic FLOPs for a LLaVA prompt."""

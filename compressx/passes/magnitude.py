@@ -11,8 +11,11 @@ Deep Neural Networks", arXiv:2104.08378). Three patterns:
 * ``"N:M"`` (e.g. ``"2:4"``) — in every block of M consecutive input weights the N largest ``|w|`` are kept
   (blocks along the input dimension, channels-last for convs; see ``compressx.ops.sparsity``).
 
-Touches: the ``weight`` of the selected ``Linear`` / ``Conv1d/2d/3d`` modules, in place. Biases are kept. The
-change is irreversible (the pruned values are gone); pruned weights are stored as exact zeros, dense.
+Touches: the ``weight`` of the selected ``Linear`` / ``Conv1d/2d/3d`` modules and transformers ``Conv1D`` (GPT-2;
+its ``[in, out]`` weight is pruned as the Linear it is), and each expert's slice of fused expert parameters
+(Mixtral, Qwen-MoE: ``experts.gate_up_proj[e]`` is one layer), in place. Biases are kept. The change is
+irreversible (the pruned values are gone); pruned weights are stored as exact zeros, dense. The report is a
+census of the target weights after pruning.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn as nn
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
 from compressx.ops.sparsity import (
+    check_finite,
     nm_mask,
     nm_shape_problems,
     parse_nm,
@@ -35,8 +39,9 @@ from compressx.ops.sparsity import (
     zero_counts,
 )
 from compressx.registry import PassContext, PassResult, register_pass
+from compressx.targets import FusedExperts, TransposedLinear, weight_matrices, weight_tensors
 
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, TransposedLinear, FusedExperts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +74,19 @@ def magnitude_mask(weight: torch.Tensor, config: MagnitudeConfig) -> torch.Tenso
     return nm_mask(scores, *parse_nm(config.pattern))
 
 
+def matrices_of(targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every layer weight of the targets as the pass prunes it: ``[out, in]`` (or a Conv's own shape), per expert."""
+    return {key: w for name, module in targets.items() for key, w in weight_matrices(name, module).items()}
+
+
+def census(targets: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """``name -> (exact zeros, numel)`` of every weight tensor of the targets, as they are now (for reports)."""
+    return zero_counts({key: w.detach() for name, m in targets.items() for key, w in weight_tensors(name, m).items()})
+
+
 def _check_shapes(targets: dict[str, nn.Module], config: MagnitudeConfig) -> list[str]:
     nm = None if config.pattern == "unstructured" else parse_nm(config.pattern)
-    return nm_shape_problems({name: m.weight for name, m in targets.items()}, nm)
+    return nm_shape_problems(matrices_of(targets), nm)
 
 
 @register_pass(
@@ -79,7 +94,7 @@ def _check_shapes(targets: dict[str, nn.Module], config: MagnitudeConfig) -> lis
     config=MagnitudeConfig,
     kind="weights",
     paper="baseline: magnitude pruning (Han et al. 2015, arXiv:1506.02626)",
-    families=("llm", "vit", "cnn", "any"),
+    families=("llm", "mllm", "vit", "cnn", "any"),
     target_types=PRUNABLE_TYPES,
     check=_check_shapes,
 )
@@ -88,7 +103,9 @@ def apply_magnitude(model: nn.Module, config: MagnitudeConfig, ctx: PassContext)
     problems = _check_shapes(ctx.targets, config)
     if problems:
         raise ConfigError("; ".join(problems), path="pattern")
+    matrices = matrices_of(ctx.targets)
+    check_finite(matrices)
     with torch.no_grad():
-        for module in ctx.targets.values():
-            module.weight.mul_(magnitude_mask(module.weight, config).to(module.weight.dtype))
-    return PassResult(report=sparsity_report(zero_counts({name: m.weight for name, m in ctx.targets.items()})))
+        for weight in matrices.values():
+            weight.mul_(magnitude_mask(weight, config).to(weight.dtype))
+    return PassResult(report=sparsity_report(census(ctx.targets)))

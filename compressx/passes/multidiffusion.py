@@ -22,7 +22,7 @@ from typing import Any
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.passes.cutdiffusion import CutdiffusionConfig, apply_cutdiffusion, check_pipeline
+from compressx.passes.cutdiffusion import CutdiffusionConfig, apply_cutdiffusion, check_pipeline, pipeline_problems
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -70,6 +70,7 @@ class MultidiffusionConfig(PassConfig):
     kind="pipeline",
     paper="MultiDiffusion: Fusing Diffusion Paths for Controlled Image Generation (arXiv:2302.08113)",
     families=("diffusion",),
+    check_model=pipeline_problems,
 )
 def apply_multidiffusion(model: Any, config: MultidiffusionConfig, ctx: PassContext) -> PassResult:
     """Make ``pipe(prompt, height=..., width=...)`` sample with MultiDiffusion windows at every step."""

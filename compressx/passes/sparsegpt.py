@@ -17,7 +17,9 @@ Unlike Wanda, the surviving weights change. Differences from the reference code,
 count is ``floor(sparsity * numel)`` (the reference prunes every score at or below that quantile, one more);
 per-row scope is an addition.
 
-Touches: the ``weight`` of the targeted ``Linear`` modules inside the decoder layers, in place; irreversible.
+Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
+Linear) inside the decoder layers, in place; irreversible. Fused MoE expert parameters are refused (prune them with
+``magnitude``); NaN/Inf weights or calibration inputs are refused naming the module, before any factorisation.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, prune_layer_by_layer
+from compressx.layerwise import LinearStats, layerwise_problems, prune_layer_by_layer
 from compressx.ops.sparsity import nm_shape_problems, pruned_count, resolve_pattern, sparsity_report
-from compressx.passes.wanda import DECODER_LINEARS
+from compressx.passes.wanda import DECODER_LINEARS, LAYERWISE_TYPES
 from compressx.registry import PassContext, PassResult, register_pass
+from compressx.targets import weight_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp
 
 def sparsegpt_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT's saliency ``W^2 / diag(U)^2`` of the dense weights (used by DSnoT to rank within N:M groups)."""
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
     u = inverse_hessian_factor(hessian, w, percdamp)
     return w.pow(2) / torch.diag(u).pow(2)[None, :]
 
@@ -116,7 +119,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[rows, cols]`` with SparseGPT; returns ``(new_weight, keep_mask)`` (input not modified)."""
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
     rows, cols = w.shape
     u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
     pruned = torch.zeros_like(w, dtype=torch.bool)
@@ -156,7 +159,7 @@ def sparsegpt_prune(
 
 
 def _check(targets: dict[str, nn.Module], config: SparsegptConfig) -> list[str]:
-    return nm_shape_problems({name: m.weight for name, m in targets.items()}, config.nm)
+    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
 
 @register_pass(
@@ -165,24 +168,26 @@ def _check(targets: dict[str, nn.Module], config: SparsegptConfig) -> list[str]:
     kind="weights",
     paper="SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (arXiv:2301.00774)",
     families=("llm",),
-    target_types=(nn.Linear,),
+    target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
     check=_check,
+    check_model=layerwise_problems,
 )
 def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext) -> PassResult:
     """Prune and update the target Linears layer by layer with SparseGPT; report the sparsity reached."""
 
-    def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> None:
+    def prune(index: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats]) -> None:
         for name, linear in linears.items():
+            weight = weight_matrix(linear)
             new_weight, _ = sparsegpt_prune(
-                linear.weight, stats[name].hessian, config.sparsity, config.nm,
+                weight, stats[name].hessian, config.sparsity, config.nm,
                 scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
             )  # fmt: skip
-            linear.weight.copy_(new_weight)
+            weight.copy_(new_weight)
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, with_hessian=True, batch_size=config.batch_size,
-        device=config.device, progress=ctx.progress,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

@@ -16,7 +16,9 @@ Touches:
   sibling module; checked on the ``torch.fx`` graph when the model traces): the pair is replaced in training by
   one ``SpReConv2d`` (the BatchNorm's place holds an ``nn.Identity``);
 * every other selected layer (1x1 convs, Linear layers — the classifier too, as in the official ResNets —, convs
-  without a BatchNorm): SR-STE only, through a weight parametrization.
+  without a BatchNorm): SR-STE only, through a weight parametrization. A model with no such pair (a ViT: Linear
+  layers only) therefore trains exactly as ``sr_ste``; the pass then logs a warning and its report says so
+  (``note``, ``extra_branches: 0``).
 ``finalize()`` puts back the model's own modules: each conv holds the folded N:M kernel and each BatchNorm the
 folded affine parameters (``fold_into_conv_bn``), so the architecture and its state-dict keys are the original
 ones (a timm / torchvision model reloads as itself). Folding that BatchNorm into the conv for deployment is the
@@ -246,7 +248,7 @@ def pair_conv_bn(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[dict[s
     config=SpreConfig,
     kind="training",
     paper="Spatial Re-parameterization for N:M Sparsity (Zhang et al., arXiv:2306.05612)",
-    families=("cnn",),
+    families=("cnn", "vit", "any"),
     target_types=NM_TRAINABLE_TYPES,
     check=check_nm_layers,
 )
@@ -265,6 +267,13 @@ def apply_spre(model: nn.Module, config: SpreConfig, ctx: PassContext) -> PassRe
         blocks[conv_name] = block
     others = {name: layers[name] for name in single}
     parametrize_weights(others, lambda _: SRSTEMask(n, m, config.decay))  # SR-STE only
+    note = None
+    if not blocks:  # e.g. a ViT: Linear layers only. Say so: the run is plain SR-STE, not SpRe.
+        note = (
+            f"no spatial conv followed by a BatchNorm among the {len(layers)} N:M layers: no extra branch, "
+            "so spre trains exactly as sr_ste"
+        )
+        log.warning("spre: %s", note)
 
     def restore(fold: bool) -> None:
         for conv_name, block in blocks.items():
@@ -296,5 +305,6 @@ def apply_spre(model: nn.Module, config: SpreConfig, ctx: PassContext) -> PassRe
         ),
         "sr_ste_only": single,
         "dense_modules": skipped,
+        **({"note": note} if note else {}),
     }
     return PassResult(report=report, handle=handle)

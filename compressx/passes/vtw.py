@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
-from compressx.ops.token_withdrawal import TokenWithdrawal, decoder_of, vision_token_ids, withdrawal_flops
+from compressx.ops.token_withdrawal import (
+    TokenWithdrawal,
+    check_attention,
+    decoder_of,
+    vision_token_ids,
+    withdrawal_flops,
+)
 from compressx.registry import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -154,12 +160,26 @@ def reference_shape(model: nn.Module, batches: list[dict[str, Any]]) -> tuple[in
     return 64, int(getattr(model.config, "image_seq_length", 576))
 
 
+def withdrawal_problems(model: object, config: object = None) -> list[str]:
+    """``register_pass(check_model=...)`` of vtw and fastv: what token withdrawal refuses about the model (its class,
+    a sliding-window decoder, the attention implementation), found on the meta model before weights load."""
+    if not isinstance(model, nn.Module):
+        return [f"token withdrawal applies to a multimodal torch model, got {type(model).__name__}"]
+    try:
+        _, _, text_config = decoder_of(model)
+        check_attention(text_config)
+    except CompressxError as err:
+        return [str(err)]
+    return []
+
+
 @register_pass(
     "vtw",
     config=VtwConfig,
     kind="runtime",
     paper="Boosting Multimodal LLMs with Visual Tokens Withdrawal for Rapid Inference (arXiv:2405.05803)",
     families=("mllm",),
+    check_model=withdrawal_problems,
 )
 def apply_vtw(model: nn.Module, config: VtwConfig, ctx: PassContext) -> PassResult:
     """Withdraw the vision tokens before decoder layer K (given, or found by the KL search); report K and FLOPs."""

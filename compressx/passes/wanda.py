@@ -9,8 +9,10 @@ consecutive inputs of a row (N:M: the N highest are kept). Weight values are nev
 Calibration is layer by layer (``compressx.layerwise``): each decoder layer's input norms are measured on the
 outputs of the already-pruned layers before it.
 
-Touches: the ``weight`` of the targeted ``Linear`` modules inside the decoder layers (default: all of them),
-in place; irreversible.
+Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
+Linear) inside the decoder layers (default: all of them), in place; irreversible. Fused MoE expert parameters
+(Mixtral, Qwen-MoE) are refused (prune them with ``magnitude``). The report is a census of the weights after
+pruning; NaN/Inf weights or calibration inputs are refused naming the module.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, prune_layer_by_layer
+from compressx.layerwise import LinearStats, layerwise_problems, prune_layer_by_layer
 from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
 from compressx.registry import PassContext, PassResult, register_pass
+from compressx.targets import TransposedLinear, weight_matrix
 
-DECODER_LINEARS = ("re:.*layers\\.\\d+\\..*",)
+DECODER_LINEARS = ("re:.*layers\\.\\d+\\..*",)  # for a model that is not a causal LM (one has its decoder layers)
+# Linear layers, and transformers' Conv1D (GPT-2) as the Linear it is. Fused MoE experts are refused: calibrating
+# them needs each expert's own inputs, which these passes do not collect.
+LAYERWISE_TYPES = (nn.Linear, TransposedLinear)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +76,7 @@ def wanda_mask(
 
 
 def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
-    return nm_shape_problems({name: m.weight for name, m in targets.items()}, config.nm)
+    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
 
 @register_pass(
@@ -79,21 +85,23 @@ def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
     kind="weights",
     paper="Wanda: A Simple and Effective Pruning Approach for LLMs (arXiv:2306.11695)",
     families=("llm",),
-    target_types=(nn.Linear,),
+    target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
     check=_check,
+    check_model=layerwise_problems,
 )
 def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> PassResult:
     """Prune the target Linears layer by layer with Wanda scores; report the sparsity reached."""
 
-    def prune(index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStats]) -> None:
+    def prune(index: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats]) -> None:
         for name, linear in linears.items():
-            keep = wanda_mask(linear.weight, stats[name].sq_norm, config.sparsity, config.nm)
-            linear.weight.masked_fill_(~keep.to(linear.weight.device), 0.0)
+            weight = weight_matrix(linear)
+            keep = wanda_mask(weight, stats[name].sq_norm, config.sparsity, config.nm)
+            weight.masked_fill_(~keep.to(weight.device), 0.0)
 
     counts = prune_layer_by_layer(
         model, ctx.calibration, ctx.targets, prune, batch_size=config.batch_size, device=config.device,
-        progress=ctx.progress,
+        progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

@@ -5,12 +5,19 @@ id: NAME}`` builds the member on first use (with a progress bar) and caches it u
 ``$COMPRESSX_CACHE/zoo/<name>/<key>/``, where the key holds the builder version, the Python version (the stdlib
 corpus differs between them) and the corpus fingerprint. Later uses load it from there.
 
+A build is written into a temporary directory beside the key directory and renamed into place, with
+``sha256.json`` (the SHA-256 of every other cached file) written last. Every use checks those hashes first: a
+cache without ``sha256.json`` (an interrupted build, or one by a compressx before the hashes) or with a missing or
+changed file is rebuilt, and the log says why. One build per member at a time: a second process waits for the
+first (a lock file beside the key directory) and then uses its build.
+
 The cache directory is ``$COMPRESSX_CACHE``, else ``$XDG_CACHE_HOME/compressx``, else ``~/.cache/compressx``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -23,11 +30,14 @@ from typing import Any
 
 import torch.nn as nn
 
+from compressx.atomic import exchange, fsync_tree, rename_noreplace, sha256_file, target_lock
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
 from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits
 
 log = logging.getLogger(__name__)
+
+HASHES = "sha256.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +101,68 @@ def cache_dir(member: ZooMember) -> Path:
     return cache_root() / "zoo" / member.name / f"v{member.builder_version}-{py}-{member.cache_salt()}"
 
 
+def _cache_problem(target: Path) -> str | None:
+    """Why the cached build in ``target`` cannot be used; None when every file has its recorded SHA-256."""
+    if not target.is_dir():
+        return "it is not cached"
+    try:
+        files = json.loads((target / HASHES).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {HASHES} (an interrupted build, or one by an older compressx)"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        return f"its {HASHES} is unreadable ({err!r})"
+    if not isinstance(files, dict) or not files:
+        return f"its {HASHES} lists no files"
+    for name, digest in files.items():
+        path = target / str(name)
+        if not path.is_file():
+            return f"'{name}' is missing"
+        if sha256_file(path) != digest:
+            return f"'{name}' is corrupt (its SHA-256 differs from the recorded one)"
+    return None
+
+
+def _build(member: ZooMember, target: Path, progress: bool) -> None:
+    """Train ``member`` and cache it at ``target`` (the caller holds the target's lock)."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():  # a build killed earlier (the lock file is a file)
+            log.warning("removing %s, left by an interrupted build", leftover)
+            shutil.rmtree(leftover)
+    model, info = member.train(progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+    try:
+        member.save(model, tmp)
+        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / HASHES).write_text(json.dumps({"files": files}, indent=2) + "\n")  # last: the build is complete
+        fsync_tree(tmp)
+        if not target.exists():
+            rename_noreplace(tmp, target)
+        elif exchange(tmp, target):  # tmp now holds the unusable build
+            shutil.rmtree(tmp)
+        else:  # no atomic swap here: a run killed in between finds no cache and builds again
+            shutil.rmtree(target)
+            rename_noreplace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    quality = {k: v for k, v in info.items() if k.startswith(("val_", "test_"))}
+    log.info("built %s in %.0f s: %s", member.name, info["build_seconds"], quality)
+
+
 def load_zoo_model(name: str, progress: bool = True) -> tuple[Any, Any]:
-    """The zoo member ``name`` (built and cached on first use) and its tokenizer."""
+    """The zoo member ``name`` (built and cached on first use, rebuilt when the cache fails its hashes) and its
+    tokenizer."""
     member = get_member(name)
     target = cache_dir(member)
-    if not (target / "build.json").is_file():
-        log.info("zoo model %s is not cached; building it into %s", name, target)
-        model, info = member.train(progress=progress)
+    if _cache_problem(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            member.save(model, tmp)
-            (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-            if target.exists():  # a half-finished earlier build (no build.json): replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        quality = {k: v for k, v in info.items() if k.startswith(("val_", "test_"))}
-        log.info("built %s in %.0f s: %s", name, info["build_seconds"], quality)
+        with target_lock(target, wait=True):  # another process building it: wait, then use its build
+            problem = _cache_problem(target)
+            if problem == "it is not cached":
+                log.info("zoo model %s is not cached; building it into %s", name, target)
+            elif problem:
+                log.warning("the cached zoo model %s in %s is unusable: %s; rebuilding it", name, target, problem)
+            if problem:
+                _build(member, target, progress)
     return member.load(str(target)), member.tokenizer()

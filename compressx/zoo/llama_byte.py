@@ -142,4 +142,4 @@ def cache_salt() -> str:
 
 
 def load(directory: str) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(directory).eval()
+    return LlamaForCausalLM.from_pretrained(directory, use_safetensors=True).eval()

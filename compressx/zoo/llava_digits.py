@@ -98,7 +98,7 @@ def build_empty() -> Any:
 def load(directory: str) -> Any:
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    return LlavaForConditionalGeneration.from_pretrained(directory, use_safetensors=True).eval()
 
 
 def cache_salt() -> str:

@@ -283,7 +283,9 @@ def build_empty() -> dict[str, Any]:
 def load(directory: str) -> Any:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(directory, safety_checker=None, feature_extractor=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        directory, safety_checker=None, feature_extractor=None, use_safetensors=True
+    )
     pipe.set_progress_bar_config(leave=False)
     return pipe
 

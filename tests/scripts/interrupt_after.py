@@ -1,20 +1,20 @@
-"""Run a script as __main__, but stop it (exit status 3) right after its N-th ``torch.save`` call.
+"""Run a script as __main__, but stop it (exit status 3) right after its N-th ``os.replace`` call.
 
     python tests/scripts/interrupt_after.py N script.py [script args...]
 
-Used by tests/test_examples.py to interrupt an example's training loop after a given checkpoint, as a crash
-would, so that its --resume can be compared with an uninterrupted run.
+Used by tests/test_examples.py to interrupt an example's training loop after a given checkpoint (the examples
+commit each checkpoint with one ``os.replace``), as a crash would, so that its --resume can be compared with an
+uninterrupted run.
 """
 
+import os
 import runpy
 import sys
-
-import torch
 
 saves = int(sys.argv[1])
 script = sys.argv[2]
 sys.argv = [script, *sys.argv[3:]]
-original = torch.save
+original = os.replace
 
 
 def save_then_maybe_stop(*args, **kwargs):
@@ -26,5 +26,5 @@ def save_then_maybe_stop(*args, **kwargs):
         raise SystemExit(3)
 
 
-torch.save = save_then_maybe_stop
+os.replace = save_then_maybe_stop
 runpy.run_path(script, run_name="__main__")

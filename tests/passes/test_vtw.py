@@ -338,6 +338,18 @@ def test_what_cannot_be_seen_into_is_refused(tiny_llava):
         tiny_llava(input_ids=ids, pixel_values=pv, kv=LooksLikeACache())
 
 
+def test_layers_that_do_not_receive_the_decoders_cache_are_refused(tiny_llava):
+    TokenWithdrawal(tiny_llava, 2)
+
+    def hide_cache(module, args, kwargs):  # as a decoder that handed its layers the cache some other way would
+        return args, {k: v for k, v in kwargs.items() if k != CACHE_KWARG}
+
+    tiny_llava.model.language_model.layers[2].register_forward_pre_hook(hide_cache, with_kwargs=True, prepend=True)
+    cache = DynamicCache(config=tiny_llava.config.text_config)
+    with pytest.raises(CompressxError, match="do not receive the cache the text decoder was given"):
+        tiny_llava(input_ids=prompt(), pixel_values=pixels(), use_cache=True, **{CACHE_KWARG: cache})
+
+
 def test_an_unknown_rotary_layout_is_refused(tiny_llava):
     """transformers 5.0-5.16 hand Qwen2-VL's layers ``(cos, sin)`` of shape [3, B, n, d]: refused by name."""
     TokenWithdrawal(tiny_llava, 0)

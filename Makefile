@@ -1,10 +1,14 @@
 # make quickstart — set up and run recipes/quickstart.yaml offline (builds the zoo model on first use)
 # make test       — set up and run lint + the whole test suite (what CI runs)
+# make test-latest — the fast tests against the newest versions pyproject.toml allows (CI runs it too)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Unpinned: whatever the ranges in pyproject.toml allow today. Created once (again when pyproject.toml changes),
+# upgraded on every run, so that a new release of torch / transformers / diffusers that breaks us fails here.
+LATEST := .venv-latest
 
-.PHONY: setup quickstart test quality style constraints
+.PHONY: setup quickstart test test-latest quality style constraints
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,18 @@ quality: setup
 
 test: quality
 	$(BIN)/pytest
+
+$(LATEST)/.created: pyproject.toml
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	touch $@
+
+test-latest: $(LATEST)/.created
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -c "import importlib.metadata as m; print('newest allowed:', ', '.join(p + ' ' + m.version(p) \
+		for p in ('torch', 'transformers', 'diffusers', 'accelerate', 'timm', 'huggingface_hub')))"
+	$(LATEST)/bin/pytest -m "not slow"
 
 style: setup
 	$(BIN)/ruff check --fix .

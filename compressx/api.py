@@ -7,6 +7,7 @@ modules, call the pass. No session or global state: everything a run decided is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -33,6 +34,7 @@ from compressx.recipe import (
 )
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
 from compressx.targets import select_step_targets
+from compressx.threads import tiny_model_threads
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +337,16 @@ def run_recipe(
     """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs.
 
     With ``resume``, layer-by-layer steps and training continue from the recipe's checkpoints
-    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them.
+    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them. A zoo model's recipe runs with the
+    tiny-model thread count (``compressx.threads``): far faster on a shared machine, and the numbers are those
+    of any other machine.
     """
+    threads = tiny_model_threads() if recipe.model.source == "zoo" else contextlib.nullcontext()
+    with threads:
+        return _run_recipe(recipe, overwrite=overwrite, progress=progress, export=export, resume=resume)
+
+
+def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool, resume: bool) -> RunResult:
     from compressx import data as data_mod
     from compressx.evaluate import evaluate
     from compressx.export import save

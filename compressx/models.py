@@ -190,7 +190,7 @@ def build_model(
                 # Pipeline passes take no targets, so there is nothing to resolve against the modules.
                 return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
             kwargs = {**spec.kwargs, "use_safetensors": True}  # never a pickled checkpoint
-            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **kwargs)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, dtype=dtype, **kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:
         raise

@@ -153,7 +153,7 @@ def parse_step(block: Any, path: str) -> StepSpec:
     try:
         config = spec.config.from_dict(config_block)
     except ConfigError as err:
-        raise ConfigError(err.detail, path=f"{path}.config.{err.path}" if err.path else f"{path}.config") from err
+        raise err.under(f"{path}.config") from err
     targets = _string_list(block["targets"], f"{path}.targets") if block.get("targets") is not None else None
     check_targets_not_empty(targets, spec, path)
     ignore = _string_list(block["ignore"], f"{path}.ignore") if block.get("ignore") is not None else ()
@@ -170,7 +170,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         try:
             return parse(value)
         except ConfigError as err:
-            problems.append(f"{path}.{err.path}: {err.detail}" if err.path else f"{path}: {err.detail}")
+            problems.extend(err.under(path).lines())
         except CompressxError as err:
             problems.append(f"{path}: {err}")
         return None
@@ -203,7 +203,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             try:
                 steps.append(parse_step(step, f"steps[{i}]"))
             except ConfigError as err:
-                problems.append(str(err))
+                problems.extend(err.lines())
 
     train = block("train", parse_train_spec, raw["train"]) if raw.get("train") is not None else None
     kinds = [get_pass(s.pass_name).kind for s in steps]

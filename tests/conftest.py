@@ -87,6 +87,19 @@ def bpe_tokenizer():
 IMAGE_TOKEN = 100
 
 
+def _cache_kwarg() -> str:
+    """The name the installed transformers takes a KV cache under: ``cache`` from 5.24, ``past_key_values`` before
+    (5.24 still accepts ``past_key_values`` with a FutureWarning)."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, layers: int = 4, decoder: str = "llama"):
     """A tiny LLaVA-1.5 (8x8 images → 16 vision tokens) or LLaVA-NeXT (any-res: 8x16 / 16x16 grids) with a GQA
     decoder (``llama``, ``mistral`` without sliding window, or ``qwen2``); image token id 100, pad id 0."""

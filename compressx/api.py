@@ -7,6 +7,7 @@ modules, call the pass. No session or global state: everything a run decided is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -33,6 +34,7 @@ from compressx.recipe import (
 )
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
 from compressx.targets import select_step_targets
+from compressx.threads import tiny_model_threads
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def check_calibration(model: Any, data: Any) -> str | None:
     A tensor for a language model (a model with an input embedding table) is ``[samples, seq_len]`` token ids in
     its vocabulary; any tensor must be non-empty. A list of model-input mappings (multimodal prompts) must be
     non-empty, and their ``input_ids`` integers (not range-checked: some processors use image-token ids past the
-    text vocabulary, which the model replaces before embedding).
+    text vocabulary, which the model replaces before embedding). A dataset or data loader (calibration images)
+    must not be empty.
     """
     vocabulary = _input_vocabulary(model)
     if isinstance(data, torch.Tensor):
@@ -120,8 +123,10 @@ def check_calibration(model: Any, data: Any) -> str | None:
         if problem is None and data.dim() != 2:
             problem = f"expected [samples, seq_len] token ids, got a tensor of shape {list(data.shape)}"
         return problem
+    if isinstance(data, torch.utils.data.Dataset | torch.utils.data.DataLoader):  # images for the ViT passes
+        return "the calibration dataset is empty" if hasattr(data, "__len__") and len(data) == 0 else None
     if not isinstance(data, dict | list | tuple):
-        return f"expected a token tensor or model-input mappings, got {type(data).__name__}"
+        return f"expected a token tensor, model-input mappings or a dataset, got {type(data).__name__}"
     items = [data] if isinstance(data, dict) else data
     if not items:
         return "the calibration data is an empty list"
@@ -332,8 +337,16 @@ def run_recipe(
     """Build the model, evaluate, apply the steps, evaluate again, export. What ``compressx apply`` runs.
 
     With ``resume``, layer-by-layer steps and training continue from the recipe's checkpoints
-    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them.
+    (``checkpoint``, ``train.checkpoint``) where an interrupted run left them. A zoo model's recipe runs with the
+    tiny-model thread count (``compressx.threads``): far faster on a shared machine, and the numbers are those
+    of any other machine.
     """
+    threads = tiny_model_threads() if recipe.model.source == "zoo" else contextlib.nullcontext()
+    with threads:
+        return _run_recipe(recipe, overwrite=overwrite, progress=progress, export=export, resume=resume)
+
+
+def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool, resume: bool) -> RunResult:
     from compressx import data as data_mod
     from compressx.evaluate import evaluate
     from compressx.export import save

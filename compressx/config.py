@@ -29,15 +29,21 @@ class PassConfig:
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any] | None) -> C:
-        """Build the config from a plain mapping; unknown keys and ill-typed values raise ``ConfigError``."""
+        """Build the config from a plain mapping; unknown keys and ill-typed values raise one ``ConfigError``
+        that lists all of them (range and combination checks run once the keys and types are right)."""
         values = dict(values or {})
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        for key in values:
-            if key not in fields:
-                raise ConfigError(unknown_key_message(str(key), fields), path=str(key))
         hints = typing.get_type_hints(cls)
+        problems = []
         for key, value in values.items():
-            values[key] = check_type(value, hints[key], path=key)
+            try:
+                if key not in fields:
+                    raise ConfigError(unknown_key_message(str(key), fields), path=str(key))
+                values[key] = check_type(value, hints[key], path=key)
+            except ConfigError as err:
+                problems.append(err)
+        if problems:
+            raise ConfigError.of(problems)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

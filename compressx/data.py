@@ -311,8 +311,23 @@ def load_tokens(spec: DataSpec, tokenizer: Any) -> torch.Tensor:
     return sample_windows(ids, spec.samples, spec.seq_len, spec.seed)
 
 
-def load_calibration(spec: DataSpec, tokenizer: Any) -> Any:
-    """Calibration data of a block: a token tensor (text sources) or a list of model inputs (multimodal ones)."""
+def parse_calibration_spec(block: Any) -> Any:
+    """A calibration block: a text / multimodal ``DataSpec``, or an ``ImageDataSpec`` for an image source
+    (``digits``, ``image_folder``: calibration images for post-training quantization of vision models)."""
+    from compressx.images import IMAGE_SOURCES, parse_image_data_spec
+
+    if isinstance(block, dict) and block.get("source") in IMAGE_SOURCES:
+        return parse_image_data_spec(block)
+    return parse_data_spec(block)
+
+
+def load_calibration(spec: Any, tokenizer: Any) -> Any:
+    """Calibration data of a block: a token tensor (text sources), a list of model inputs (multimodal ones) or an
+    ``(image, label)`` dataset (image sources)."""
+    from compressx.images import ImageDataSpec, image_dataset
+
+    if isinstance(spec, ImageDataSpec):
+        return image_dataset(spec)
     if spec.source == "digits_vqa":
         from compressx.zoo.llava_digits import calibration_prompts
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class CompressxError(Exception):
@@ -14,13 +14,27 @@ class ConfigError(CompressxError):
     """A pass config (or another block of a recipe) has a bad key or value.
 
     ``path`` is the dotted location inside the block (e.g. ``"sparsty"``) so that a recipe can prefix it with
-    where the block sits (``steps[1].config.sparsty``).
+    where the block sits (``steps[1].config.sparsty``). One error may carry several problems of one block, as
+    ``(path, message)`` pairs in ``problems`` (``path`` / ``detail`` are the first), so all are reported at once.
     """
 
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.detail = message
+    def __init__(self, message: str, path: str = "", *, problems: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems = list(problems) or [(path, message)]
+        self.path, self.detail = self.problems[0]
+        super().__init__("\n".join(self.lines()))
+
+    @classmethod
+    def of(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error holding the problems of all ``errors``."""
+        return cls("", problems=[problem for err in errors for problem in err.problems])
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same problems, their paths put under ``prefix`` (where the block sits in the recipe)."""
+        return ConfigError("", problems=[(f"{prefix}.{path}" if path else prefix, msg) for path, msg in self.problems])
+
+    def lines(self) -> list[str]:
+        """One ``path: message`` line per problem."""
+        return [f"{path}: {msg}" if path else msg for path, msg in self.problems]
 
 
 class RegistryError(CompressxError):

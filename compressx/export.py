@@ -200,6 +200,8 @@ def _model_card(manifest: dict[str, Any]) -> str:
     if source:
         gguf = f", GGUF file `{source['gguf_file']}` dequantized" if source.get("gguf_file") else ""
         lines += [f"Base model: `{source.get('source')}:{source.get('id')}`{gguf}.", ""]
+    if manifest["model"].get("note"):
+        lines += [f"Note: {manifest['model']['note']}.", ""]
     lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]
     for i, step in enumerate(manifest["steps"]):
         brief = summarize_report(step["report"])
@@ -327,7 +329,10 @@ def _write_export(
 ) -> int:
     """Write the whole export into ``tmp``, the manifest last; return the number of hashed files."""
     source = recipe.model.to_dict() if recipe is not None and recipe.model is not None else None
-    model_entry = _write_weights(model, tmp, source)
+    from compressx.quant_export import has_quantizers, write_quantized
+
+    write = write_quantized if has_quantizers(model) else _write_weights  # integer weights stored for real
+    model_entry = write(model, tmp, source)
     # Relative paths: a diffusers pipeline saves one sub-directory per component.
     weight_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     sparsity: dict[str, dict[str, Any]] = {}
@@ -722,6 +727,10 @@ def _read_weights(view: Path, entry: dict[str, Any], model: nn.Module | None) ->
     from safetensors.torch import load_model
 
     fmt = entry["format"]
+    if fmt == "quantized":
+        from compressx.quant_export import read_quantized
+
+        return read_quantized(view, entry, model)
     if fmt == "transformers":
         import transformers
 

@@ -2,12 +2,14 @@
 
 * ``digits`` — scikit-learn's bundled 8x8 digits (1797 images, 10 classes; no download). A fixed stratified split
   (30% test, seed 0, the same for every run) and, to make the task hard enough to separate N:M methods
-  (``shared/research/lbc_spre.md`` §8.2), optional ``train_images`` (a stratified subset of the training part)
+  (500 noisy training images: see docs/results/nm_training.md), optional ``train_images`` (a stratified subset of the training part)
   and ``noise`` (Gaussian, std in units of the [0, 1] pixel range, drawn once per image from ``seed`` so the
   test set is fixed). Tensors ``[n, 1, 8, 8]`` in [0, 1] plus noise. Needs scikit-learn.
 * ``image_folder`` — a torchvision ``ImageFolder`` directory (``path/<split>/<class>/*.jpg``, e.g. ImageNet's
   ``train`` / ``val``), with the standard ImageNet transforms: random-resized crop + flip for ``train``, resize to
-  ``image_size / 0.875`` + centre crop for the other splits, then the ImageNet mean/std normalisation.
+  ``image_size / 0.875`` + centre crop for the other splits (``augment: true/false`` overrides: calibration images
+  for post-training quantization are taken from ``train`` with ``augment: false``), then the ImageNet mean/std
+  normalisation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from compressx.errors import CompressxError, ConfigError, unknown_key_message, u
 IMAGE_SOURCES = ("digits", "image_folder")
 _KEYS = {
     "digits": {"source", "split", "train_images", "noise", "seed"},
-    "image_folder": {"source", "split", "path", "image_size"},
+    "image_folder": {"source", "split", "path", "image_size", "augment"},
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +43,7 @@ class ImageDataSpec:
     seed: int = 0
     path: str | None = None
     image_size: int = 224
+    augment: bool | None = None  # image_folder: random-resized crop + flip; default: for the train split only
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k in _KEYS[self.source] and v is not None}
@@ -83,7 +86,10 @@ def parse_image_data_spec(block: Any) -> ImageDataSpec:
     image_size = block.get("image_size", 224)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ConfigError(f"got {image_size!r}; expected an integer >= 8", path="image_size")
-    return ImageDataSpec(source, split, train_images, float(noise), seed, block.get("path"), image_size)
+    augment = block.get("augment")
+    if augment is not None and not isinstance(augment, bool):
+        raise ConfigError(f"got {augment!r}; expected true or false", path="augment")
+    return ImageDataSpec(source, split, train_images, float(noise), seed, block.get("path"), image_size, augment)
 
 
 def digits_tensors(spec: ImageDataSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +127,7 @@ def image_dataset(spec: ImageDataSpec) -> torch.utils.data.Dataset:
     if not os.path.isdir(root):
         raise CompressxError(f"image_folder: {root} is not a directory (expected {spec.path}/<split>/<class>/...)")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    if spec.split == "train":
+    if spec.augment if spec.augment is not None else spec.split == "train":
         steps = [transforms.RandomResizedCrop(spec.image_size), transforms.RandomHorizontalFlip()]
     else:
         steps = [transforms.Resize(round(spec.image_size / 0.875)), transforms.CenterCrop(spec.image_size)]

@@ -204,6 +204,8 @@ def _family_of(model: Any) -> str:
         return "mllm"
     if "Pipeline" in name:
         return "diffusion"
+    if name.startswith(VIT_CLASS_PREFIXES):  # ViTForImageClassification, DeiTModel, SwinForImageClassification…
+        return "vit"
     return "any"
 
 
@@ -284,7 +286,7 @@ def build_model(
                 # Pipeline passes take no targets, so there is nothing to resolve against the modules.
                 return LoadedModel(diffusers.DiffusionPipeline.load_config(spec.id), spec, None, "diffusion")
             kwargs = {**spec.kwargs, "use_safetensors": True}  # never a pickled checkpoint
-            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, torch_dtype=dtype, **kwargs)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(spec.id, dtype=dtype, **kwargs)
             return LoadedModel(pipe, spec, None, "diffusion")
     except CompressxError:
         raise
@@ -293,8 +295,13 @@ def build_model(
     raise ConfigError(f"got {spec.source!r}; allowed: {', '.join(SOURCES)}", path="source")
 
 
+# Vision transformers, by transformers class-name prefix and by timm architecture name.
+VIT_CLASS_PREFIXES = ("ViT", "DeiT", "Swin")
+VIT_TIMM_NAMES = ("vit", "deit", "swin")
+
+
 def _timm_family(model_id: str) -> str:
-    if "vit" in model_id or "deit" in model_id:
+    if any(name in model_id for name in VIT_TIMM_NAMES):
         return "vit"
     cnn = ("resnet", "resnext", "mobilenet", "efficientnet", "regnet", "convnext", "vgg", "densenet")
     return "cnn" if model_id.startswith(cnn) else "any"

@@ -41,9 +41,10 @@ from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException, Unsu
 
 from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
 from compressx.config import PassConfig
-from compressx.data import DataSpec, parse_data_spec
+from compressx.data import DataSpec, parse_calibration_spec
 from compressx.errors import CompressxError, ConfigError, RecipeError, TargetError, unknown_key_message
 from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
+from compressx.images import ImageDataSpec
 from compressx.models import ModelSpec, build_model, parse_model_spec
 from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_step_targets, unsupported_problems
@@ -87,7 +88,7 @@ class ExportSpec:
 class Recipe:
     steps: tuple[StepSpec, ...]
     model: ModelSpec | None = None
-    calibration: DataSpec | None = None
+    calibration: DataSpec | ImageDataSpec | None = None
     eval: tuple[EvalSpec, ...] = ()
     export: ExportSpec | None = None
     source: str = "<recipe>"
@@ -152,7 +153,7 @@ def parse_step(block: Any, path: str) -> StepSpec:
     try:
         config = spec.config.from_dict(config_block)
     except ConfigError as err:
-        raise ConfigError(err.detail, path=f"{path}.config.{err.path}" if err.path else f"{path}.config") from err
+        raise err.under(f"{path}.config") from err
     targets = _string_list(block["targets"], f"{path}.targets") if block.get("targets") is not None else None
     check_targets_not_empty(targets, spec, path)
     ignore = _string_list(block["ignore"], f"{path}.ignore") if block.get("ignore") is not None else ()
@@ -169,7 +170,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         try:
             return parse(value)
         except ConfigError as err:
-            problems.append(f"{path}.{err.path}: {err.detail}" if err.path else f"{path}: {err.detail}")
+            problems.extend(err.under(path).lines())
         except CompressxError as err:
             problems.append(f"{path}: {err}")
         return None
@@ -191,7 +192,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                 if key not in DATA_KEYS:
                     problems.append(f"data.{key}: {unknown_key_message(str(key), DATA_KEYS)}")
             if "calibration" in data:
-                calibration = block("data.calibration", parse_data_spec, data["calibration"])
+                calibration = block("data.calibration", parse_calibration_spec, data["calibration"])
 
     steps: list[StepSpec] = []
     raw_steps = raw.get("steps")
@@ -202,7 +203,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             try:
                 steps.append(parse_step(step, f"steps[{i}]"))
             except ConfigError as err:
-                problems.append(str(err))
+                problems.extend(err.lines())
 
     train = block("train", parse_train_spec, raw["train"]) if raw.get("train") is not None else None
     kinds = [get_pass(s.pass_name).kind for s in steps]

@@ -73,8 +73,15 @@ class PassResult:
 
 
 def summarize_report(report: dict[str, Any]) -> str:
-    """The scalar entries of a report on one line (``sparsity=0.5, modules=28``), for logs and listings."""
-    return ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, dict | list))
+    """The scalar entries of a report on one line (``sparsity=0.5, modules=28``), for logs and listings, and the
+    name → reason mappings (``dense_modules={conv1: stem (skip_stem)}``), so that no module is left out unsaid."""
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+            parts.append(f"{key}={{{', '.join(f'{name}: {reason}' for name, reason in value.items())}}}")
+        elif not isinstance(value, dict | list):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

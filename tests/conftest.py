@@ -87,6 +87,19 @@ def bpe_tokenizer():
 IMAGE_TOKEN = 100
 
 
+def _cache_kwarg() -> str:
+    """The name the installed transformers takes a KV cache under: ``cache`` from 5.24, ``past_key_values`` before
+    (5.24 still accepts ``past_key_values`` with a FutureWarning)."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 def make_tiny_llava(next_: bool = False, attn: str = "eager", seed: int = 0, layers: int = 4, decoder: str = "llama"):
     """A tiny LLaVA-1.5 (8x8 images → 16 vision tokens) or LLaVA-NeXT (any-res: 8x16 / 16x16 grids) with a GQA
     decoder (``llama``, ``mistral`` without sliding window, or ``qwen2``); image token id 100, pad id 0."""
@@ -223,3 +236,73 @@ def pointwise_unet(pipe):
         return (alpha * sample + beta + 0.1 * sample**2,)
 
     pipe.unet.forward = forward
+
+
+# --- tiny vision transformers for the ViT quantization passes -----------------------------------------------
+
+VIT_PTQ_PASSES = {
+    "ptq_minmax": {},
+    "repq_vit": {},
+    "isvit": {"preset": "fast", "iterations": 3, "calibration_images": 32, "batch_size": 16},
+}
+
+
+def tiny_timm_vit(seed=0):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2
+    ).eval()
+
+
+def tiny_timm_swin(seed=0):
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    return SwinTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+        window_size=4,
+    ).eval()  # fmt: skip
+
+
+def tiny_hf_vit(seed=0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_hf_deit(seed=0):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    config = DeiTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=10,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return DeiTForImageClassification(config).eval()
+
+
+def logits(model, images):
+    out = model(images)
+    return getattr(out, "logits", out)
+
+
+def randomise_layernorms(model, generator):
+    """Non-trivial LayerNorm affines, so that per-channel post-LN ranges differ (fresh inits have gamma = 1)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 3 + 0.1)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))

@@ -293,7 +293,7 @@ def test_bad_recipe_in_an_export_is_one_error_from_load_eval(tiny_llama, tmp_pat
         (torch.full((2, 8), -1), "token ids from -1 to -1"),
         (torch.zeros(16, dtype=torch.long), "expected [samples, seq_len] token ids"),
         ([], "empty list"),
-        ("some text", "expected a token tensor or model-input mappings, got str"),
+        ("some text", "expected a token tensor, model-input mappings or a dataset, got str"),
     ],
     ids=["empty", "float", "past-vocabulary", "negative", "1-d", "empty-list", "text"],
 )

@@ -41,6 +41,7 @@ def test_apply_trains_finalizes_and_reports(lbc_export):
     out, run = lbc_export
     assert "step 0: lbc (training) on 8 module(s): pattern=1:16" in run.stdout
     assert "sparsity=0.9375" in run.stdout and "unfinished_blocks=0" in run.stdout
+    assert "dense_modules={conv1: stem (skip_stem), fc: classifier (skip_classifier)}" in run.stdout
     table = [line for line in run.stdout.splitlines() if line.startswith(TOP1)]
     assert len(table) == 1, run.stdout
     before, after = (float(v) for v in table[0].split()[-3:-1])

@@ -66,6 +66,16 @@ def test_unquoted_yaml_ratio_gets_a_hint():
         DemoConfig.from_dict({"name": 124})
 
 
+def test_every_problem_of_one_config_is_reported_together():
+    with pytest.raises(ConfigError) as err:
+        DemoConfig.from_dict({"rte": 0.1, "name": 124, "steps": 2.5})
+    assert [path for path, _ in err.value.problems] == ["rte", "name", "steps"]
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and "did you mean 'rate'?" in lines[0] and "quote it" in lines[1]
+    assert "expected an integer" in lines[2]
+    assert err.value.under("steps[0].config").lines()[0].startswith("steps[0].config.rte: unknown key")
+
+
 @pytest.mark.parametrize("spec", list_passes(), ids=lambda s: s.name)
 def test_every_registered_config_round_trips(spec):
     config = spec.config.from_dict({})

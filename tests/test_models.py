@@ -1,6 +1,7 @@
 """Model sources, exercised with the real loading code on local directories (no hub access)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -93,3 +94,17 @@ def test_diffusers_validation_reads_only_the_pipeline_config(tmp_path):
     )
     with pytest.raises(RecipeError, match="pass 'magnitude' changes torch modules; a diffusers pipeline is not one"):
         check_recipe(recipe)
+
+
+def test_diffusers_pipelines_load_with_dtype_not_the_deprecated_torch_dtype(tmp_path):
+    from conftest import make_tiny_sd_pipeline
+
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
+    absent = dict.fromkeys(["text_encoder", "tokenizer", "safety_checker", "feature_extractor"])  # tiny pipeline
+    spec = parse_model_spec(
+        {"source": "diffusers", "id": str(tmp_path / "pipe"), "dtype": "bfloat16", "kwargs": absent}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # diffusers >= 0.40 deprecates torch_dtype= with one
+        loaded = build_model(spec, progress=False)
+    assert loaded.model.unet.dtype == loaded.model.vae.dtype == torch.bfloat16

@@ -116,6 +116,14 @@ def test_several_problems_are_all_reported(write, capsys):
     assert code == 2 and "2 problem(s)" in err and "sparsty" in err and "bleu" in err
 
 
+def test_every_problem_of_one_step_config_is_reported(write, capsys):
+    path = write(GOOD.replace("sparsity: 0.5, pattern: unstructured", "sparsty: 0.5, pattern: 2:4"))
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and "2 problem(s)" in err, err
+    assert "steps[0].config.sparsty: unknown key 'sparsty'" in err and "did you mean 'sparsity'?" in err
+    assert "steps[0].config.pattern: got 124 (int)" in err and 'quote it, "2:4"' in err
+
+
 def test_overrides_are_applied_and_validated(write, capsys):
     recipe = load_recipe(write(GOOD), ["steps.0.config.sparsity=0.7", 'steps.0.config.pattern="unstructured"'])
     assert recipe.steps[0].config.sparsity == 0.7

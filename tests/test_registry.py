@@ -8,9 +8,10 @@ import textwrap
 import pytest
 import torch.nn as nn
 
+import compressx
 from compressx.config import PassConfig
 from compressx.errors import RegistryError
-from compressx.registry import PassResult, build_registry, get_pass, list_passes, register_pass
+from compressx.registry import PassResult, build_registry, get_pass, list_passes, register_pass, summarize_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +168,12 @@ def test_user_function_pass_runs_through_apply(tiny_llama):
 
     result = compressx.apply(tiny_llama, [{"pass": apply_count, "ignore": ["lm_head"]}])
     assert seen["n"] == 14 and result.steps[0].report == {"n": 14}
+
+
+def test_the_report_line_names_the_modules_left_out_and_why(tiny_cnn):
+    """'lbc on 4 module(s) … modules=2' says which two stay dense and why (a name → reason mapping is shown)."""
+    result = compressx.apply(tiny_cnn, [{"pass": "lbc", "config": {"pattern": "2:4"}}], progress=False)
+    line = summarize_report(result.steps[0].report)
+    assert "modules=2" in line
+    assert "dense_modules={stem: stem (skip_stem), head: classifier (skip_classifier)}" in line
+    assert summarize_report({"sparsity": 0.5, "flops": {"ratio": 0.4}, "per_module": [1]}) == "sparsity=0.5"

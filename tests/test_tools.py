@@ -94,3 +94,22 @@ def test_vtw_proxy_recipes_runs_small(tmp_path):
     for r in results:
         assert set(r["accuracy_per_layer"]) == {"0", "1", "2"} and set(r["kl_per_layer"]) == {"1"}
         assert r["chosen"]["0.003"]["k"] in (1, 2) and 0 < r["chosen"]["0.003"]["prefill_ratio"] <= 1
+
+
+@pytest.mark.slow
+def test_isvit_benchmark_runs_small_and_resumes(tmp_path, zoo_cache):
+    """Builds vit_digits into the shared test cache on first use (a few minutes of one thread)."""
+    import os
+
+    out = tmp_path / "isvit.json"
+    args = [sys.executable, str(ROOT / "tools" / "bench_isvit.py"), "--bits", "8", "--seeds", "0"]
+    args += ["--methods", "ptq_minmax", "isvit", "--iterations", "2", "--json", str(out)]
+    env = dict(os.environ, COMPRESSX_CACHE=zoo_cache, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["ptq_minmax", "isvit"]
+    assert set(runs[1]["stage_top1"]) == {"stage1", "stage2"} and runs[1]["export_sizes"]["ratio_to_fp16"] > 0.5
+    assert "| `isvit` after stage1 |" in first.stdout
+    second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert second.returncode == 0 and '"method"' not in second.stdout  # every run was already recorded

@@ -1,6 +1,6 @@
 """Benchmark of the N:M training passes on the zoo digits ResNet: accuracy over paired seeds, and step time.
 
-Setting (``shared/research/lbc_spre.md`` §8.2, "hard"): digits with 500 training images and Gaussian input noise
+Setting ("hard", so that the methods separate): digits with 500 training images and Gaussian input noise
 0.25 on train and test images, 40 epochs, SGD lr 0.05 momentum 0.9 weight decay 5e-4, cosine, batch 64; the same
 init, data order and optimiser for every method of a seed (paired design). Methods:
 

@@ -12,12 +12,19 @@ length, so positions and masks of later steps are those of the full sequence. St
 forward in flight) and on the cache (for a generation), never in globals: batches, several images per prompt and
 several models at once work.
 
+The cache is found by type, not by name: transformers hands it to the decoder as ``past_key_values`` up to 5.23
+and as ``cache`` from 5.24, and the next rename must not make a cache invisible (a ``StaticCache`` that is not seen
+is not refused, and a cache without the keep-index record decodes with the wrong mask). Whatever cannot be seen
+into is refused: a value that is not a ``Cache`` under a cache-like argument name (a legacy tuple cache), an
+object that looks like a cache but is not a transformers ``Cache``, two caches in one call, and decoder layers
+that do not receive the cache the decoder was given.
+
 Refused with a ``CompressxError``: model classes other than ``SUPPORTED``, attention implementations other than
 eager / sdpa (flash and flex take other mask layouts), sliding-window decoders, caches other than a plain
-``DynamicCache``, a prefill with vision tokens on a non-empty cache (chunked prefill, prefix reuse), ``labels``
-(the output is shorter than the input), and a batch whose rows keep different numbers of tokens. Not supported and
-not detected: assisted / speculative decoding and contrastive search (``cache.crop`` cuts every layer to one
-length), and several threads sharing one hooked model.
+``DynamicCache`` (under any argument name), a prefill with vision tokens on a non-empty cache (chunked prefill,
+prefix reuse), ``labels`` (the output is shorter than the input), and a batch whose rows keep different numbers of
+tokens. Not supported and not detected: assisted / speculative decoding and contrastive search (``cache.crop``
+cuts every layer to one length), and several threads sharing one hooked model.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ from compressx.errors import CompressxError
 SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 _CACHE_ATTR = "_compressx_withdrawal"  # (prompt keep-index [B, n_keep], prompt length) on a DynamicCache
+# Argument names that may hold a cache (``past_key_values`` <= 5.23, ``cache`` >= 5.24, ``past_key_value`` in
+# older layers), and the cache-named arguments that are flags or positions, not caches.
+_CACHE_NAME_PARTS = ("past", "cache", "key_value")
+_NOT_CACHES = ("use_cache", "cache_position", "cache_implementation")
 
 # select(vision [B, n] bool, last_attention [B, n] or None) -> keep-index [B, n_keep], sorted per row
 SelectFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -108,6 +119,7 @@ class _Forward:
     """What one forward of the text decoder is doing."""
 
     n_full: int
+    cache: Any = None  # the cache the text decoder was given (None: none, or one it creates itself)
     vision: torch.Tensor | None = None  # prefill: [B, n] vision positions
     keep: torch.Tensor | None = None  # prefill: [B, n_keep] query positions kept from layer K on
     # gathered mask / rotary / positions, computed once per forward; in a cached step, also the cache's "prompt"
@@ -175,12 +187,12 @@ class TokenWithdrawal:
         if embeds is None:
             return
         check_attention(self.text_config)
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(args, kwargs, "the text decoder")
         if cache is not None:
             _check_cache(cache)
         recorded = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if recorded is not None:
-            self._forward = _Forward(n_full=embeds.shape[1], sliced={"prompt": recorded})
+            self._forward = _Forward(n_full=embeds.shape[1], cache=cache, sliced={"prompt": recorded})
             return
         if vision is None or not bool(vision.any()) or self.layer >= len(self.layers):
             return
@@ -191,7 +203,7 @@ class TokenWithdrawal:
                 "a prompt with vision tokens on a non-empty cache (chunked prefill, prefix-cache reuse) is not "
                 "supported by token withdrawal: start from an empty cache"
             )
-        self._forward = _Forward(n_full=embeds.shape[1], vision=vision.to(embeds.device))
+        self._forward = _Forward(n_full=embeds.shape[1], cache=cache, vision=vision.to(embeds.device))
 
     def _text_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._forward = None
@@ -220,8 +232,15 @@ class TokenWithdrawal:
         return hook
 
     def _prefill(self, step: _Forward, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        cache = kwargs.get("past_key_values")
         if step.keep is None:
+            cache = find_cache(args, kwargs, "a decoder layer")
+            if step.cache is not None and cache is not step.cache:
+                raise CompressxError(
+                    f"the decoder layers do not receive the cache the text decoder was given (they got "
+                    f"{type(cache).__name__}): token withdrawal cannot record what it keeps there"
+                )
+            if cache is not None:
+                _check_cache(cache)  # one the decoder created itself
             step.keep = self.select(step.vision, step.last_attention)
             if cache is not None:
                 setattr(cache, _CACHE_ATTR, (step.keep, step.n_full))
@@ -234,6 +253,11 @@ class TokenWithdrawal:
             if isinstance(mask, torch.Tensor):
                 step.sliced["attention_mask"] = _gather_seq(_gather_seq(mask, step.keep, 2), step.keep, 3)
             cos, sin = kwargs["position_embeddings"]
+            if cos.dim() != 3 or cos.shape[1] != step.n_full:  # transformers < 5.17: Qwen2-VL's are [3, B, n, d]
+                raise CompressxError(
+                    f"the decoder's rotary embeddings have shape {tuple(cos.shape)}, not [batch, {step.n_full}, "
+                    "head_dim]: token withdrawal does not know this layout (it needs transformers >= 5.17)"
+                )
             step.sliced["position_embeddings"] = (_gather_seq(cos, step.keep, 1), _gather_seq(sin, step.keep, 1))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
                 step.sliced["position_ids"] = _gather_seq(kwargs["position_ids"], step.keep, 1)
@@ -252,6 +276,35 @@ class TokenWithdrawal:
             step.sliced["attention_mask"] = _gather_seq(mask, key_keep, 3)
         kwargs["attention_mask"] = step.sliced["attention_mask"]
         return args, kwargs
+
+
+def _looks_like_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache) or all(
+        callable(getattr(value, method, None)) for method in ("update", "get_seq_length")
+    )
+
+
+def find_cache(args: tuple, kwargs: dict, where: str) -> Any:
+    """The one cache among a forward's arguments, whatever its name; None if there is none.
+
+    Refuses what it cannot see into: a value under a cache-like name that is neither a cache nor a flag / tensor
+    (a legacy tuple cache), and two caches in one call.
+    """
+    found = [(f"positional argument {i}", v) for i, v in enumerate(args) if _looks_like_cache(v)]
+    found += [(f"{name}=", v) for name, v in kwargs.items() if _looks_like_cache(v)]
+    for name, value in kwargs.items():
+        plain = value is None or isinstance(value, bool | int | str | torch.Tensor) or _looks_like_cache(value)
+        if not plain and name not in _NOT_CACHES and any(part in name.lower() for part in _CACHE_NAME_PARTS):
+            raise CompressxError(
+                f"{where} got {name}= as a {type(value).__name__}, which token withdrawal cannot see into; "
+                "pass a transformers DynamicCache (legacy tuple caches are not supported)"
+            )
+    if len({id(v) for _, v in found}) > 1:
+        names = ", ".join(f"{name} ({type(v).__name__})" for name, v in found)
+        raise CompressxError(f"{where} got more than one cache ({names}); token withdrawal tracks exactly one")
+    return found[0][1] if found else None
 
 
 def _check_cache(cache: Any) -> None:

@@ -14,4 +14,7 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "compressx.passes.fastv",
     "compressx.passes.cutdiffusion",
     "compressx.passes.multidiffusion",
+    "compressx.passes.ptq_minmax",
+    "compressx.passes.repq_vit",
+    "compressx.passes.isvit",
 )

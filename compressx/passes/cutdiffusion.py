@@ -1,8 +1,7 @@
 """CutDiffusion: higher-resolution generation from a diffusion pipeline trained at a lower one, without tuning.
 
 Paper: Lin et al., "CutDiffusion: A Simple, Fast, Cheap, and Strong Diffusion Extrapolation Method",
-arXiv:2404.15141; official code ``lmbxmu/CutDiffusion`` (one SDXL pipeline file). Spec:
-``shared/research/vtw_cutdiffusion.md`` part 2.
+arXiv:2404.15141; official code ``lmbxmu/CutDiffusion`` (one SDXL pipeline file).
 
 Idea. A canvas of ``a x b`` native sizes (latent ``a*s x b*s``, ``s = unet.config.sample_size``) is sampled in two
 phases:
@@ -20,7 +19,7 @@ Touches: nothing in the weights. The pass changes the class of the pipeline obje
 whose ``__call__`` runs this sampler; ``handle.remove()`` restores the original class. The baseline
 MultiDiffusion is the same sampler with ``proportion = 0`` and no jitter or shuffle (``multidiffusion_config``).
 
-Deviations from the official code (all listed as bugs or limits in the spec), following the paper instead:
+Deviations from the official code (its bugs and limits), following the paper instead:
 
 * SD 1.x/2.x as well as SDXL; native size read from the UNet, not hard-wired to 1024 px; both sides checked.
 * Integer switch index ``floor(T * proportion)`` instead of a float-equality test that never fires for odd T.

@@ -1,7 +1,7 @@
 """LBC: N:M sparsity learned in training by scoring the candidate combinations of every block.
 
 Zhang et al., "Learning Best Combination for Efficient N:M Sparsity", NeurIPS 2022, arXiv:2206.06662; behaviour
-from the official code (zyxxmu/LBC), as summarised in ``shared/research/lbc_spre.md`` §2.
+from the paper and the official code (zyxxmu/LBC).
 
 Idea: choosing N of every M weights is choosing one of the C(M, N) candidate subsets of the block. Every block
 gets one learnable score per candidate (initialised to ``1 / C(M-1, N-1)``, so every position starts covered:
@@ -17,7 +17,7 @@ parametrization holding ``scores`` (trainable, ``[blocks, C]``), ``alive`` and t
 The stem conv and the classifier stay dense by default, as in the official ResNet code. ``finalize()`` writes
 ``w ⊙ mask`` into the plain weight and removes every extra tensor.
 
-Deviations from the official code, following the paper and the spec:
+Deviations from the official code, following the paper:
 
 * The schedule's fraction is clamped to [0, 1]: the official formula gives a negative removal count before
   ``start_epoch`` (a crash) and, with an even power, re-grows after ``end_epoch``.

@@ -3,7 +3,7 @@ mask fixed.
 
 The classic N:M recipe (Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378: NVIDIA's
 ASP) and the baseline of the LBC and SpRe papers. With ``prune_epoch: 0`` on a trained model it is "prune, then
-fine-tune"; from scratch with ``prune_epoch: E/2`` it is the spec's baseline (dense for half the epochs, N:M for
+fine-tune"; from scratch with ``prune_epoch: E/2`` it is the LBC paper's baseline (dense for half the epochs, N:M for
 the rest), so every method gets the same epochs and optimiser.
 
 Touches: the ``weight`` of the selected ``Linear`` / ``Conv2d`` layers, through a ``torch.nn.utils.parametrize``

@@ -1,7 +1,7 @@
 """SpRe: spatial re-parameterisation for N:M sparse CNNs — an extra branch in training, folded away for inference.
 
 Zhang et al., "Spatial Re-parameterization for N:M Sparsity", arXiv:2306.05612 (TPAMI 2025); behaviour from the
-official code (zyxxmu/SpRE), as summarised in ``shared/research/lbc_spre.md`` §3.
+official code (zyxxmu/SpRE).
 
 Idea: N:M forces the same sparsity at every kernel position, while unstructured sparsity keeps some positions
 denser than others. SpRe trains every spatial N:M conv (the main branch, SR-STE, followed by its BatchNorm) with a

@@ -33,7 +33,7 @@ import torch.nn as nn
 from compressx.atomic import exchange, fsync_tree, rename_noreplace, sha256_file, target_lock
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, smollm2
+from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, smollm2, vit_digits
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ MEMBERS: dict[str, ZooMember] = {
         _member(resnet_digits, "cnn"),
         _member(llava_digits, "mllm", llava_digits.WordTokenizer),
         _member(sd_digits, "diffusion"),
+        _member(vit_digits, "vit"),
         _member(smollm2, "llm", smollm2.tokenizer),
     )
 }

@@ -35,11 +35,12 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compressx.data import corpus_fingerprint
+from compressx.threads import tiny_model_threads
 from compressx.zoo import llama_byte
 
 NAME = "llama_byte_outlier_1m"
 # Bump when anything below changes the trained weights; llama_byte's BUILDER_VERSION is in the cache key too.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: built with a fixed torch thread count (compressx.threads)
 TRAINING = dict(llama_byte.TRAINING)
 OUTLIERS = {"channels": 4, "gain": 20.0, "seed": 0}
 _NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -105,8 +106,10 @@ def outlier_ratio(model: nn.Module, tokens: torch.Tensor) -> float:
     return sum(ratios) / len(ratios)
 
 
+@tiny_model_threads()
 def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """Train the model from scratch, deterministically. ``steps`` overrides the default (tests use a few)."""
+    """Train the model from scratch, deterministically (with the tiny-model thread count). ``steps`` overrides the
+    default (tests use a few)."""
     hp = dict(TRAINING, steps=steps if steps is not None else TRAINING["steps"])
     train_ids, val_windows = llama_byte._data()
     start = time.perf_counter()
@@ -147,6 +150,7 @@ def train(steps: int | None = None, progress: bool = True) -> tuple[LlamaForCaus
         "val_outlier_ratio": round(outlier_ratio(model, val_windows), 3),
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return model, info
 

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compressx.threads import tiny_model_threads
+
 NAME = "llava_digits"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: built with a fixed torch thread count (compressx.threads)
 N_VIS = 16
 TRAINING = {"seed": 0, "vision_steps": 200, "steps": 600, "batch": 64, "lr": 3e-3, "warmup": 60, "weight_decay": 0.05}
 WORDS = (
@@ -215,6 +217,7 @@ def _pretrain_vision(model: Any, images: torch.Tensor, labels: torch.Tensor, hp:
         optimizer.zero_grad(set_to_none=True)
 
 
+@tiny_model_threads()
 def train(
     steps: int | None = None, progress: bool = True, vision_steps: int | None = None
 ) -> tuple[Any, dict[str, Any]]:
@@ -263,5 +266,6 @@ def _train(hp: dict[str, Any], progress: bool) -> tuple[Any, dict[str, Any]]:
         "val_accuracy": round(accuracy(model, vqa_batches("val", 100, 1)), 4),
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return model, info

@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compressx.threads import tiny_model_threads
+
 NAME = "resnet_digits"
 # Bump when anything below changes the trained weights: it is part of the cache key.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: built with a fixed torch thread count (compressx.threads)
 TRAINING = {
     "data": {"source": "digits", "split": "train"},
     "epochs": 30,
@@ -76,6 +78,7 @@ def build_empty() -> ResNetDigits:
     return ResNetDigits()
 
 
+@tiny_model_threads()
 def train(progress: bool = True) -> tuple[ResNetDigits, dict[str, Any]]:
     """Train the dense model on the digits training split, deterministically."""
     from compressx.images import parse_image_data_spec, top1
@@ -97,6 +100,7 @@ def train(progress: bool = True) -> tuple[ResNetDigits, dict[str, Any]]:
         "test_top1": round(top1(model, parse_image_data_spec({"source": "digits", "split": "test"})), 3),
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return model, info
 

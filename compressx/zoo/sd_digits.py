@@ -33,10 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compressx.threads import tiny_model_threads
+
 log = logging.getLogger(__name__)
 
 NAME = "sd_digits"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: built with a fixed torch thread count (compressx.threads)
 NATIVE_PX = 16
 PROMPTS = [f"digit {d}" for d in range(10)]
 CLASSIFIER_FILE = "digit_classifier.safetensors"
@@ -222,6 +224,7 @@ def _train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int) ->
     return model, accuracy
 
 
+@tiny_model_threads()
 def train(progress: bool = True, vae_steps: int = 400, unet_steps: int = 1500, classifier_steps: int = 400):
     """Build and train the pipeline and the classifier; returns (``DigitsBuild``, build info)."""
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG is left alone
@@ -262,6 +265,7 @@ def _train(progress: bool, vae_steps: int, unet_steps: int, classifier_steps: in
     )
     info = {
         "build_seconds": round(time.perf_counter() - start, 1),
+        "torch_threads": torch.get_num_threads(),
         "vae_recon_mse": round(recon_mse, 5),
         "vae_scaling_factor": round(scaling, 5),
         "unet_final_loss": round(loss, 5),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_tiny_llava
+from conftest import CACHE_KWARG, IMAGE_TOKEN, make_tiny_llava
 from transformers.cache_utils import DynamicCache
 
 import compressx
@@ -60,7 +60,7 @@ def test_fastv_drops_half_the_vision_tokens_and_decodes_with_cache(attn):
     assert result.steps[0].report["flops"]["prefill_ratio"] < 1
     assert model(input_ids=ids, pixel_values=pv).logits.shape[1] == ids.shape[1] - 8
     cache = DynamicCache(config=model.config.text_config)
-    cached = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    cached = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=5, do_sample=False, **{CACHE_KWARG: cache})
     prompt_keep, n = cache._compressx_withdrawal
     result.steps[0].handle.remove()
     # Reference without cache: the same vision tokens withdrawn (FastV ranks them once, at the prompt's last

@@ -108,7 +108,7 @@ def test_scores_start_at_inverse_comb_and_the_start_is_dense(pattern):
 def test_masked_weight_keeps_the_plain_layout():
     # A 1x1 conv's masked weight must have the latent weight's (NCHW-contiguous) strides; otherwise the conv
     # picks a channels-last kernel: outputs differ in the last bits from the plain conv with the same weights
-    # (spec §8.1.5: bit-identical) and come out in channels_last memory format.
+    # (bit-identical) and come out in channels_last memory format.
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 1)
     x = torch.randn(4, 16, 8, 8)
@@ -201,7 +201,7 @@ def test_score_gradient_is_the_spec_formula(kind, pattern, removed):
 
 
 def test_score_gradient_precision_follows_the_model():
-    # A float64 model prepared as it is: its scores' gradient should be float64-exact (spec §8.1.3: 1e-10).
+    # A float64 model prepared as it is: its scores' gradient should be float64-exact (to 1e-10).
     # LBCMask makes scores and candidates float32, so the gradient is computed at float32 precision.
     torch.manual_seed(1)
     layer = nn.Linear(16, 6).double()

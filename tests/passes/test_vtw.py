@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_tiny_llava
+from conftest import CACHE_KWARG, IMAGE_TOKEN, make_tiny_llava
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import compressx
@@ -158,10 +158,10 @@ def test_cache_lengths_and_positions_follow_the_full_sequence(tiny_llava):
     ids, pv = prompt(), pixels()
     TokenWithdrawal(tiny_llava, 2)
     cache = DynamicCache(config=tiny_llava.config.text_config)
-    tiny_llava(input_ids=ids, pixel_values=pv, past_key_values=cache, use_cache=True)
+    tiny_llava(input_ids=ids, pixel_values=pv, use_cache=True, **{CACHE_KWARG: cache})
     n = ids.shape[1]
     assert [cache.get_seq_length(i) for i in range(4)] == [n, n, n - N_VIS, n - N_VIS]
-    step = tiny_llava(input_ids=torch.tensor([[20]]), past_key_values=cache, use_cache=True).logits
+    step = tiny_llava(input_ids=torch.tensor([[20]]), use_cache=True, **{CACHE_KWARG: cache}).logits
     assert cache.get_seq_length(0) == n + 1 and cache.get_seq_length(3) == n - N_VIS + 1
     full = tiny_llava(input_ids=torch.cat([ids, torch.tensor([[20]])], 1), pixel_values=pv, use_cache=False).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
@@ -290,16 +290,73 @@ def test_refusals(tiny_llama, tiny_llava):
     ids, pv = prompt(), pixels()
     static = StaticCache(config=tiny_llava.config.text_config, max_cache_len=64)
     with pytest.raises(CompressxError, match="DynamicCache"):
-        tiny_llava(input_ids=ids, pixel_values=pv, past_key_values=static, use_cache=True)
+        tiny_llava(input_ids=ids, pixel_values=pv, use_cache=True, **{CACHE_KWARG: static})
     with pytest.raises(CompressxError, match="labels"):
         tiny_llava(input_ids=ids, pixel_values=pv, labels=ids)
     cache = DynamicCache(config=tiny_llava.config.text_config)
-    tiny_llava(input_ids=torch.tensor([[1, 2]]), past_key_values=cache, use_cache=True)
+    tiny_llava(input_ids=torch.tensor([[1, 2]]), use_cache=True, **{CACHE_KWARG: cache})
     with pytest.raises(CompressxError, match="non-empty cache"):
-        tiny_llava(input_ids=ids, pixel_values=pv, past_key_values=cache, use_cache=True)
+        tiny_llava(input_ids=ids, pixel_values=pv, use_cache=True, **{CACHE_KWARG: cache})
     tiny_llava.config.text_config._attn_implementation = "flex_attention"
     with pytest.raises(CompressxError, match="attn_implementation"):
         tiny_llava(input_ids=ids, pixel_values=pv)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["past_key_values", "cache", "kv_store"])
+def test_caches_are_found_under_any_argument_name(tiny_llava, name):
+    """A cache is found by type, not by name (transformers 5.24 renamed ``past_key_values`` to ``cache``): a
+    StaticCache under the old name, the new name or a name no version uses is refused, not run unseen."""
+    TokenWithdrawal(tiny_llava, 2)
+    ids, pv = prompt(), pixels()
+    static = StaticCache(config=tiny_llava.config.text_config, max_cache_len=64)
+    with pytest.raises(CompressxError, match="DynamicCache.*got StaticCache"):
+        tiny_llava(input_ids=ids, pixel_values=pv, use_cache=True, **{name: static})
+
+
+def test_two_caches_are_refused(tiny_llava):
+    TokenWithdrawal(tiny_llava, 2)
+    first, second = (DynamicCache(config=tiny_llava.config.text_config) for _ in range(2))
+    with pytest.raises(CompressxError, match="more than one cache"):
+        tiny_llava(input_ids=prompt(), pixel_values=pixels(), use_cache=True, kv_store=first, **{CACHE_KWARG: second})
+
+
+def test_what_cannot_be_seen_into_is_refused(tiny_llava):
+    TokenWithdrawal(tiny_llava, 2)
+    ids, pv = prompt(), pixels()
+    legacy = tuple((torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8)) for _ in range(4))
+    with pytest.raises(CompressxError, match="past_key_values_legacy= as a tuple.*cannot see into"):
+        tiny_llava(input_ids=ids, pixel_values=pv, past_key_values_legacy=legacy)
+
+    class LooksLikeACache:
+        def update(self, *args, **kwargs): ...
+
+        def get_seq_length(self, layer=0):
+            return 0
+
+    with pytest.raises(CompressxError, match="DynamicCache.*got LooksLikeACache"):
+        tiny_llava(input_ids=ids, pixel_values=pv, kv=LooksLikeACache())
+
+
+def test_layers_that_do_not_receive_the_decoders_cache_are_refused(tiny_llava):
+    TokenWithdrawal(tiny_llava, 2)
+
+    def hide_cache(module, args, kwargs):  # as a decoder that handed its layers the cache some other way would
+        return args, {k: v for k, v in kwargs.items() if k != CACHE_KWARG}
+
+    tiny_llava.model.language_model.layers[2].register_forward_pre_hook(hide_cache, with_kwargs=True, prepend=True)
+    cache = DynamicCache(config=tiny_llava.config.text_config)
+    with pytest.raises(CompressxError, match="do not receive the cache the text decoder was given"):
+        tiny_llava(input_ids=prompt(), pixel_values=pixels(), use_cache=True, **{CACHE_KWARG: cache})
+
+
+def test_an_unknown_rotary_layout_is_refused(tiny_llava):
+    """transformers 5.0-5.16 hand Qwen2-VL's layers ``(cos, sin)`` of shape [3, B, n, d]: refused by name."""
+    TokenWithdrawal(tiny_llava, 0)
+    rotary = tiny_llava.model.language_model.rotary_emb
+    rotary.register_forward_hook(lambda module, args, out: tuple(t.expand(3, *t.shape) for t in out))
+    with pytest.raises(CompressxError, match=r"rotary embeddings have shape \(3, 1, 23, 8\).*transformers >= 5.17"):
+        tiny_llava(input_ids=prompt(), pixel_values=pixels())
 
 
 def test_flops_match_the_closed_form(tiny_llava):

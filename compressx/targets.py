@@ -188,9 +188,10 @@ def is_causal_lm(model: nn.Module) -> bool:
 def decoder_layers_path(model: nn.Module) -> str | None:
     """The dotted path of a causal LM's decoder-layer ``ModuleList``; None when there is none.
 
-    Found from the model itself: the ``ModuleList`` holding the most blocks of the classes transformers keeps whole
-    when it splits a model across devices (``_no_split_modules``: the decoder layers, e.g. ``LlamaDecoderLayer``,
-    ``GPT2Block``); for a model without that list, the list of identical blocks holding the most parameters.
+    Found from the model itself: a ``ModuleList`` of blocks of a class transformers keeps whole when it splits a
+    model across devices (``_no_split_modules``: the decoder layers, e.g. ``LlamaDecoderLayer``, ``GPT2Block``;
+    a multimodal model also lists its vision blocks, so of several such lists the one holding the most
+    parameters); for a model without that list, the list of identical blocks holding the most parameters.
     ``compressx.layerwise.DECODER_LAYERS`` (model_type -> path) overrides both, for a model they get wrong.
     """
     from compressx.layerwise import DECODER_LAYERS

@@ -142,11 +142,35 @@ def _symmetric_weights(model):
             module.calibrate(model.get_submodule(name.rpartition(".")[0]).weight.detach())
 
 
+def _per_group(model, symmetric=False, names=None):
+    """Weights quantized per group of 8 input columns (the ViT passes quantize per channel): every Linear's, or
+    those in ``names``."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and (names is None or name in names):
+            quantizer = UniformQuantizer(4, "weight", granularity="group", group_size=8, symmetric=symmetric,
+                                         method="minmax")  # fmt: skip
+            quantizer.calibrate(module.weight.detach())
+            quantizer.enabled = True
+            module.weight_quantizer = quantizer
+
+
+def _symmetric_with_group_head(model):
+    _symmetric_weights(model)
+    _per_group(model, symmetric=True, names={"classifier"})
+
+
 @pytest.mark.parametrize(
-    "bits, granularity, symmetric, load",
-    [(4, "channel", False, "dequantize"), (8, "tensor", False, "dequantize"), (4, "channel", True, "plain")],
+    "bits, granularity, change, load",
+    [
+        (4, "channel", None, "dequantize"),
+        (8, "tensor", None, "dequantize"),
+        (4, "channel", _per_group, "dequantize"),
+        (4, "channel", _symmetric_weights, "plain"),
+        (4, "channel", _symmetric_with_group_head, "plain"),
+    ],
+    ids=["int4-channel", "int8-tensor", "int4-group", "int4-symmetric", "int4-symmetric-group-head"],
 )
-def test_hf_export_loads_in_transformers_without_compressx(tmp_path, images, bits, granularity, symmetric, load):
+def test_hf_export_loads_in_transformers_without_compressx(tmp_path, images, bits, granularity, change, load):
     """compressed-tensors' pack-quantized layout: transformers alone gives the weights compressx.load gives.
     Asymmetric (zero-point) exports load with CompressedTensorsConfig(dequantize=True): transformers 5.23 with
     compressed-tensors 0.20 refuses them otherwise (the packed zero point's shape, llm-compressor issue 1618)."""
@@ -156,23 +180,33 @@ def test_hf_export_loads_in_transformers_without_compressx(tmp_path, images, bit
     model = tiny_hf_vit()
     config = {"w_bits": bits, "a_bits": 8, "weight_granularity": granularity}
     result = compressx.apply(model, [{"pass": "ptq_minmax", "config": config}], data=images, progress=False)
-    if symmetric:
-        _symmetric_weights(model)
+    if change:
+        change(model)
     out = compressx.save(model, tmp_path / "export", result)
     quant_config = json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]
     assert quant_config["format"] == "pack-quantized"
-    (group,) = quant_config["config_groups"].values()
-    assert group["weights"]["num_bits"] == bits and group["weights"]["symmetric"] is symmetric
-    assert "vit.layers.0.attention.q_proj" in group["targets"] and "classifier" in group["targets"]
+    groups = list(quant_config["config_groups"].values())
+    symmetric = load == "plain"
+    assert all(g["weights"]["num_bits"] == bits and g["weights"]["symmetric"] is symmetric for g in groups)
+    strategies = [(g["weights"]["strategy"], g["weights"]["group_size"]) for g in groups]
+    if change is _symmetric_with_group_head:  # two schemes: two config groups
+        assert strategies == [("channel", None), ("group", 8)] and groups[1]["targets"] == ["classifier"]
+    else:
+        assert strategies == [("group", 8) if change is _per_group else ("channel", None)]
+    targets = [name for g in groups for name in g["targets"]]
+    assert "vit.layers.0.attention.q_proj" in targets and "classifier" in targets
     entry = json.loads((tmp_path / "export" / "compressx.json").read_text())["model"]["compressed_tensors"]
     assert list(entry["dense_layers"]) == ["vit.embeddings.patch_embeddings.projection"]  # a Conv2d
+    expected = logits(model, images[:8])
+    reloaded_model = compressx.load(out)
+    assert torch.equal(logits(reloaded_model, images[:8]), expected)  # compressx reads weight_packed back exactly
     hf_file = tmp_path / "hf.safetensors"
     run = subprocess.run([sys.executable, "-c", HF_ONLY_LOAD, str(out), str(hf_file), load], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     hf = load_file(str(hf_file))
-    reloaded = compressx.load(out).state_dict()
-    weights = [f"{name}.weight" for name in [*group["targets"], *entry["dense_layers"]]]
+    reloaded = reloaded_model.state_dict()
+    weights = [f"{name}.weight" for name in [*targets, *entry["dense_layers"]]]
     assert all(key in hf for key in weights)
     shared = [key for key in hf if key in reloaded]
     assert set(weights) <= set(shared) and len(shared) >= len(reloaded) - sum("quantizer" in k for k in reloaded)

@@ -199,15 +199,9 @@ def _base_entry(model: nn.Module, directory: Path, source: dict[str, Any] | None
     if isinstance(model, PreTrainedModel):
         model.config.save_pretrained(directory)
         return {"format": "transformers", "class": type(model).__name__}
-    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if source and source.get("source") == "timm":
-        entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
-    elif source and source.get("source") == "zoo":
-        entry.update(format="zoo", member=source["id"])
-    else:
-        entry.update(format="torch")
-    (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
-    return entry
+    from compressx.export import write_module_entry
+
+    return write_module_entry(model, directory, source)
 
 
 def write_quantized(model: nn.Module, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:

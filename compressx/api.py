@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,7 @@ def apply(
     progress: bool = True,
     checkpoint: CheckpointDir | None = None,
     resume: bool = False,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> ApplyResult:
     """Apply compression steps to ``model`` in place, in order.
 
@@ -176,6 +177,8 @@ def apply(
         checkpoint: an opened checkpoint directory where layer-by-layer passes (wanda, sparsegpt, dsnot) save
             each pruned decoder layer (``compressx.checkpoint``).
         resume: load the layers saved there by an interrupted run instead of pruning them again.
+        evaluate: optional ``evaluate(model) -> {label: value}`` on held-out data; passes that work in stages
+            (``isvit``, ``repq_vit``, ``ptq_minmax``) report its values after each stage (``stage_eval``).
 
     Returns:
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
@@ -221,6 +224,7 @@ def apply(
             progress=progress,
             original_weights=originals.get(i),
             checkpoint=_layer_checkpoints(checkpoint, resume, i, step, originals.get(i)),
+            evaluate=evaluate,
         )
         out = spec.fn(model, step.config, context)
         seconds = time.perf_counter() - start
@@ -363,7 +367,21 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
         calibration = data_mod.load_calibration(recipe.calibration, loaded.tokenizer)
     before = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)
     layer_store = stores.get(recipe.checkpoint.dir) if recipe.checkpoint else None
-    result = apply(loaded.model, recipe.steps, calibration, progress=progress, checkpoint=layer_store, resume=resume)
+    measure = None
+    if recipe.eval:  # passes may report the recipe's metrics after each of their stages
+
+        def measure(model: nn.Module) -> dict[str, float]:
+            return evaluate(model, loaded.tokenizer, list(recipe.eval), progress=False)
+
+    result = apply(
+        loaded.model,
+        recipe.steps,
+        calibration,
+        progress=progress,
+        checkpoint=layer_store,
+        resume=resume,
+        evaluate=measure,
+    )
     if recipe.train is not None:
         _train_and_finalize(loaded.model, recipe, result.steps[-1], progress, stores, resume)
     after = evaluate(loaded.model, loaded.tokenizer, list(recipe.eval), progress)

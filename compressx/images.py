@@ -1,10 +1,10 @@
 """Image-classification data for training passes and the ``top1`` metric: ``{source: digits | image_folder, ...}``.
 
 * ``digits`` — scikit-learn's bundled 8x8 digits (1797 images, 10 classes; no download). A fixed stratified split
-  (30% test, seed 0, the same for every run) and, to make the task hard enough to separate N:M methods
-  (500 noisy training images: see docs/results/nm_training.md), optional ``train_images`` (a stratified subset of the training part)
-  and ``noise`` (Gaussian, std in units of the [0, 1] pixel range, drawn once per image from ``seed`` so the
-  test set is fixed). Tensors ``[n, 1, 8, 8]`` in [0, 1] plus noise. Needs scikit-learn.
+  (30% test, seed 0, the same for every run) and, to make the task hard enough to separate N:M methods (see
+  docs/results/nm_training.md), optional ``train_images`` (a stratified subset of the training part) and
+  ``noise`` (Gaussian, std in units of the [0, 1] pixel range, drawn once per image from ``seed`` so the test set
+  is fixed). Tensors ``[n, 1, 8, 8]`` in [0, 1] plus noise. Needs scikit-learn.
 * ``image_folder`` — a torchvision ``ImageFolder`` directory (``path/<split>/<class>/*.jpg``, e.g. ImageNet's
   ``train`` / ``val``), with the standard ImageNet transforms: random-resized crop + flip for ``train``, resize to
   ``image_size / 0.875`` + centre crop for the other splits (``augment: true/false`` overrides: calibration images

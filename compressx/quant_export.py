@@ -13,6 +13,16 @@ directory then holds:
   SULQ's ``eta``, ``y_min``, ``y_max``); the metadata holds each quantizer's kind and settings;
 * ``config.json`` — how to rebuild the architecture (the transformers config, or the timm / zoo / torch entry).
 
+A transformers model whose quantized Linear weights include some that compressed-tensors' ``pack-quantized``
+format describes (uniform int4 / int8, per channel, per group or per tensor, zero point on the integer grid) is
+also written so that ``transformers`` (with ``compressed-tensors`` installed) loads its weights without compressx:
+those layers' codes go to ``model.safetensors`` as ``<layer>.weight_packed`` (int32 words), ``weight_scale``,
+``weight_zero_point`` (asymmetric only, int32 words along the output dimension) and ``weight_shape`` instead of
+``quantized.safetensors``, ``config.json`` gets the matching ``quantization_config``, and every other quantized
+weight (the patch-embedding Conv2d, 3-bit layers, ...) is also stored de-quantized as ``<layer>.weight``. The
+activation quantizers are not expressed there: transformers runs the model with quantized weights and
+full-precision activations.
+
 On load the plain architecture is rebuilt, the other tensors loaded, every quantized layer, attention and
 quantizer reinstalled, and each quantized weight set to its de-quantized codes ``(q - z) Δ``. Since fake
 quantization of ``(q - z) Δ`` gives ``(q - z) Δ`` back, the reloaded model's outputs equal the in-memory model's
@@ -40,7 +50,9 @@ from compressx.ops.quant import (
     dequantize_codes,
     grouped_view,
     pack_codes,
+    pack_int32_rows,
     unpack_codes,
+    unpack_int32_rows,
 )
 
 QUANT_FILE = "quantized.safetensors"
@@ -109,6 +121,77 @@ def _quantized_weights(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+CT_FORMAT = "pack-quantized"
+CT_BITS = (4, 8)  # the bit-widths this export describes to compressed-tensors
+
+
+def _ct_problem(layer: nn.Module) -> str | None:
+    """Why compressed-tensors' ``pack-quantized`` cannot describe this layer's weight, or None if it can."""
+    wq = layer.weight_quantizer
+    if not isinstance(layer, QuantLinear):
+        return "a convolution (compressed-tensors packs Linear weights)"
+    if not isinstance(wq, UniformQuantizer) or wq.bits not in CT_BITS:
+        return f"{wq.kind} {wq.bits}-bit (int4 / int8 only)"
+    if wq.granularity == "channel" and wq.axis not in (0, -2):
+        return "per-channel scales along the input dimension"
+    zero = wq.zero_point
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > 2**wq.bits - 1:
+        return "zero point off the integer code grid"
+    return None
+
+
+def _ct_scheme(wq: UniformQuantizer) -> dict[str, Any]:
+    """The compressed-tensors ``QuantizationArgs`` of a weight quantizer (a tensor's one scale is repeated per
+    channel, which describes the same values)."""
+    group = wq.granularity == "group"
+    return {
+        "num_bits": wq.bits,
+        "type": "int",
+        "symmetric": bool(wq.symmetric),
+        "strategy": "group" if group else "channel",
+        "group_size": wq.group_size if group else None,
+        "dynamic": False,
+    }
+
+
+def _ct_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``<name>.weight_packed`` / ``weight_scale`` / ``weight_zero_point`` / ``weight_shape`` in the layout of
+    compressed-tensors' ``pack-quantized`` (its ``PackedQuantizationCompressor``)."""
+    wq = layer.weight_quantizer
+    weight = layer.weight.detach()
+    rows, cols = weight.shape
+    shape = (rows, cols // wq.group_size if wq.granularity == "group" else 1)
+    scale = wq.scale.detach().reshape(-1, shape[1]).expand(shape)  # a per-tensor scale: repeated per channel
+    zero = wq.zero_point.detach().reshape(-1, shape[1]).expand(shape)
+    out = {
+        f"{name}.weight_packed": pack_int32_rows(wq.codes(weight), wq.bits),
+        f"{name}.weight_scale": scale.contiguous().clone(),
+        f"{name}.weight_shape": torch.tensor([rows, cols]),
+    }
+    if not wq.symmetric:
+        out[f"{name}.weight_zero_point"] = pack_int32_rows(zero.round().long().T, wq.bits).T.contiguous()
+    return out
+
+
+def _ct_config(weights: dict[str, nn.Module], packed: list[str]) -> dict[str, Any]:
+    """``quantization_config`` for ``config.json``: one config group per distinct weight scheme, its targets the
+    layer names; activations are not described (left in full precision by transformers)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name in packed:
+        scheme = _ct_scheme(weights[name].weight_quantizer)
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": scheme, "input_activations": None,
+                                "output_activations": None, "format": CT_FORMAT})  # fmt: skip
+        groups[key]["targets"].append(name)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": CT_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())},
+        "ignore": [],
+    }
+
+
 def _base_entry(model: nn.Module, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:
     """How to rebuild the architecture (written as ``config.json``); mirrors ``export._write_weights``."""
     from transformers import PreTrainedModel
@@ -116,20 +199,15 @@ def _base_entry(model: nn.Module, directory: Path, source: dict[str, Any] | None
     if isinstance(model, PreTrainedModel):
         model.config.save_pretrained(directory)
         return {"format": "transformers", "class": type(model).__name__}
-    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if source and source.get("source") == "timm":
-        entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
-    elif source and source.get("source") == "zoo":
-        entry.update(format="zoo", member=source["id"])
-    else:
-        entry.update(format="torch")
-    (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
-    return entry
+    from compressx.export import write_module_entry
+
+    return write_module_entry(model, directory, source)
 
 
 def write_quantized(model: nn.Module, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:
     """Write ``model.safetensors``, ``quantized.safetensors`` and ``config.json``; return the manifest entry."""
     from safetensors.torch import save_file
+    from transformers import PreTrainedModel
 
     from compressx.ops.vit_quant import find_layout
 
@@ -138,13 +216,28 @@ def write_quantized(model: nn.Module, directory: Path, source: dict[str, Any] | 
     packed: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     fp32_bytes = quant_bytes = 0
+    # compressed-tensors layout, for transformers models: the layers it describes, and why not the others
+    describe = isinstance(model, PreTrainedModel)
+    problems = {name: _ct_problem(layer) for name, layer in weights.items()} if describe else {}
+    ct_layers = [name for name, problem in problems.items() if problem is None]
+    ct_tensors: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
     for name, layer in weights.items():
         wq = layer.weight_quantizer
         codes = wq.codes(layer.weight.detach())
-        packed[f"{name}.qweight"] = pack_codes(codes, wq.bits)
         layout[name] = {"shape": list(layer.weight.shape), "bits": wq.bits}
         fp32_bytes += layer.weight.numel() * 4
+        if name in ct_layers:
+            own = _ct_tensors(name, layer)
+            ct_tensors.update(own)
+            layout[name]["storage"] = CT_FORMAT
+            quant_bytes += sum(t.numel() * t.element_size() for k, t in own.items() if not k.endswith("_shape"))
+            continue
+        packed[f"{name}.qweight"] = pack_codes(codes, wq.bits)
         quant_bytes += packed[f"{name}.qweight"].numel() + (wq.scale.numel() + wq.zero_point.numel()) * 4
+        if ct_layers:  # transformers reads this weight de-quantized (what compressx.load gives back)
+            view = grouped_view(codes.to(layer.weight.dtype), wq.granularity, wq.group_size)
+            dense[f"{name}.weight"] = dequantize_codes(view, wq.scale, wq.zero_point).reshape(layer.weight.shape)
     for name, q in quantizer_modules.items():
         for buffer_name, buffer in q.named_buffers(recurse=False):
             packed[f"{name}.{buffer_name}"] = buffer.detach().contiguous()
@@ -152,7 +245,9 @@ def write_quantized(model: nn.Module, directory: Path, source: dict[str, Any] | 
         f"{name}.{b}" for name, q in quantizer_modules.items() for b, _ in q.named_buffers(recurse=False)
     }
     rest = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in excluded}
-    save_file(rest, str(directory / "model.safetensors"))
+    rest.update(ct_tensors)
+    rest.update({k: v.detach().contiguous() for k, v in dense.items()})
+    save_file(rest, str(directory / "model.safetensors"), metadata={"format": "pt"})
     spec = {
         "family": find_layout(model).family,
         "linears": [n for n, m in model.named_modules() if isinstance(m, QuantLinear)],
@@ -180,6 +275,17 @@ def write_quantized(model: nn.Module, directory: Path, source: dict[str, Any] | 
     }
     if len(dtypes) == 1:
         entry["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    if ct_layers:
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = _ct_config(weights, ct_layers)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        entry["compressed_tensors"] = {
+            "format": CT_FORMAT,
+            "packed_layers": len(ct_layers),
+            "dense_layers": {name: problem for name, problem in problems.items() if problem is not None},
+            "dense_copy_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
+        }
     return entry
 
 
@@ -263,6 +369,8 @@ def read_quantized(directory: Path, entry: dict[str, Any], model: nn.Module | No
                                      quantizers.get(f"{name}.matmul_av.b_quantizer"))  # fmt: skip
         attention_forward(attn, spec["family"])
     rest = load_file(str(directory / "model.safetensors"))
+    ct_codes = {name: _ct_codes(rest, name, layout) for name, layout in spec["weights"].items()
+                if layout.get("storage") == CT_FORMAT}  # fmt: skip
     missing, unexpected = model.load_state_dict(rest, strict=False)
     expected_missing = {f"{n}.weight" for n in spec["weights"]}
     missing = {k for k in missing if k not in expected_missing and ".matmul_" not in k and "_quantizer." not in k}
@@ -273,10 +381,30 @@ def read_quantized(directory: Path, entry: dict[str, Any], model: nn.Module | No
         for name, layout in spec["weights"].items():
             layer = model.get_submodule(name)
             wq = layer.weight_quantizer
-            codes = unpack_codes(tensors[f"{name}.qweight"], layout["bits"], layout["shape"]).to(layer.weight.dtype)
+            codes = (
+                ct_codes[name]
+                if name in ct_codes
+                else unpack_codes(tensors[f"{name}.qweight"], layout["bits"], layout["shape"])
+            )
+            codes = codes.to(layer.weight.dtype)
             view = grouped_view(codes, wq.granularity, wq.group_size)
             layer.weight.copy_(dequantize_codes(view, wq.scale, wq.zero_point).reshape(layer.weight.shape))
     return model.eval()
+
+
+def _ct_codes(tensors: dict[str, torch.Tensor], name: str, layout: dict[str, Any]) -> torch.Tensor:
+    """The unsigned codes of a layer stored in compressed-tensors' layout; its tensors are removed from
+    ``tensors`` (they are not parameters of the rebuilt model)."""
+    keys = [f"{name}.{suffix}" for suffix in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
+    if keys[0] not in tensors:
+        raise ExportError(f"model.safetensors lacks {keys[0]}, which the quantization metadata says is there")
+    words = tensors[keys[0]]
+    for key in keys:
+        tensors.pop(key, None)
+    try:
+        return unpack_int32_rows(words, layout["bits"], layout["shape"][1]).reshape(layout["shape"])
+    except ValueError as err:
+        raise ExportError(f"model.safetensors: {keys[0]}: {err}") from err
 
 
 def _keys(path: Path) -> set[str]:

@@ -48,6 +48,9 @@ class PassContext:
     the mask an earlier step left, which needs the dense values back).
     ``checkpoint``, when the run keeps checkpoints, is where a layer-by-layer pass saves each pruned layer and
     resumes from (``compressx.layerwise.prune_layer_by_layer``).
+    ``evaluate``, when the caller has an evaluation set (a recipe's ``eval:`` block), measures a model and returns
+    label → value (``{"top1 (digits/test)": 91.2}``); a pass that works in stages may call it to report the metric
+    after each stage. Passes must work without it.
     """
 
     targets: dict[str, nn.Module]
@@ -55,6 +58,7 @@ class PassContext:
     progress: bool = True
     original_weights: dict[str, Any] | None = None
     checkpoint: LayerCheckpoints | None = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass

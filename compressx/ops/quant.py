@@ -575,3 +575,42 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: Sequence[int]) -> torch
         return packed.long().reshape(tuple(shape))
     stream = unpack_bits(packed, count * bits).reshape(count, bits).long()
     return (stream << torch.arange(bits, device=packed.device)).sum(dim=1).reshape(tuple(shape))
+
+
+INT32_WORD_BITS = (4, 8)  # bit-widths whose codes tile a 32-bit word exactly
+
+
+def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``b``-bit unsigned codes ``[rows, cols]`` as int32 words ``[rows, ceil(cols * b / 32)]``, for b = 4 or 8.
+
+    Code ``j`` of a row sits at bits ``(j mod 32/b) * b`` of word ``j div (32/b)`` (each row padded with zeros to
+    whole words): the layout of compressed-tensors' ``pack-quantized`` format, whose stored values are the signed
+    codes plus ``2^(b-1)`` — that is, our unsigned codes.
+    """
+    if bits not in INT32_WORD_BITS:
+        raise ValueError(f"int32 word packing takes {INT32_WORD_BITS} bits, got {bits}")
+    if codes.dim() != 2:
+        raise ValueError(f"expected [rows, cols] codes, got shape {tuple(codes.shape)}")
+    codes = codes.long()
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
+    per_word = 32 // bits
+    codes = F.pad(codes, (0, -codes.shape[1] % per_word))
+    shifts = torch.arange(per_word, device=codes.device) * bits
+    words = (codes.reshape(codes.shape[0], -1, per_word) << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+
+
+def unpack_int32_rows(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_int32_rows``: int64 codes ``[rows, cols]``."""
+    if bits not in INT32_WORD_BITS:
+        raise ValueError(f"int32 word packing takes {INT32_WORD_BITS} bits, got {bits}")
+    per_word = 32 // bits
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != -(-cols // per_word):
+        raise ValueError(
+            f"expected int32 words [rows, {-(-cols // per_word)}] for {cols} {bits}-bit codes a row, "
+            f"got {words.dtype} of shape {tuple(words.shape)}"
+        )
+    shifts = torch.arange(per_word, device=words.device) * bits
+    codes = ((words.long() & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.reshape(words.shape[0], -1)[:, :cols]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -123,3 +124,16 @@ def base_report(config: ViTQuantConfig, layout: ViTLayout, images: torch.Tensor,
         "calibration_images": len(images),
         "layers": quantizer_report(model),
     }
+
+
+def evaluate_stage(
+    evaluate: Callable[[nn.Module], dict[str, float]] | None, results: dict[str, dict], stage: str, model: nn.Module
+) -> None:
+    """Measure ``model`` after ``stage`` with the caller's ``evaluate`` (``PassContext.evaluate``; nothing when it
+    is None), log the values and keep them in ``results[stage]`` (the report's ``stage_eval``)."""
+    if evaluate is None:
+        return
+    values = evaluate(model)
+    model.eval()  # the quantized model stays in eval mode whatever the metric did
+    results[stage] = values
+    log.info("after %s: %s", stage, ", ".join(f"{label} = {value:.4g}" for label, value in values.items()))

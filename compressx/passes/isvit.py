@@ -54,7 +54,14 @@ from tqdm.auto import tqdm
 from compressx.errors import ConfigError
 from compressx.ops.quant import set_quant_state
 from compressx.ops.vit_quant import ViTLayout, capture, find_layout, fold_all, reconstruct
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
+from compressx.passes._vit_ptq import (
+    ViTQuantConfig,
+    base_report,
+    evaluate_stage,
+    initialise,
+    prepare,
+    vit_problems,
+)
 from compressx.registry import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -154,8 +161,17 @@ def _reconstruct_stage(
     needs=("calibration",),
 )
 def apply_isvit(model: nn.Module, config: IsvitConfig, ctx: PassContext) -> PassResult:
-    """SULQ + SOS stages 1–3 (up to ``stages``) on the ViT in ``model``."""
-    return run_isvit(model, config, ctx.calibration, progress=ctx.progress)
+    """SULQ + SOS stages 1–3 (up to ``stages``) on the ViT in ``model``; with ``ctx.evaluate``, the report's
+    ``stage_eval`` holds the caller's metrics after each stage."""
+    stage_eval: dict[str, dict] = {}
+
+    def after_stage(stage: int, quantized: nn.Module) -> None:
+        evaluate_stage(ctx.evaluate, stage_eval, f"stage{stage}", quantized)
+
+    result = run_isvit(model, config, ctx.calibration, progress=ctx.progress, after_stage=after_stage)
+    if stage_eval:
+        result.report["stage_eval"] = stage_eval
+    return result
 
 
 def run_isvit(

@@ -16,7 +16,14 @@ import dataclasses
 
 import torch.nn as nn
 
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
+from compressx.passes._vit_ptq import (
+    ViTQuantConfig,
+    base_report,
+    evaluate_stage,
+    initialise,
+    prepare,
+    vit_problems,
+)
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -47,4 +54,9 @@ def apply_ptq_minmax(model: nn.Module, config: PtqMinmaxConfig, ctx: PassContext
         softmax="uniform",
     )
     initialise(model, images, weights=True, activations=True)
-    return PassResult(report=base_report(config, layout, images, model), handle=handle)
+    report = base_report(config, layout, images, model)
+    stage_eval: dict[str, dict] = {}
+    evaluate_stage(ctx.evaluate, stage_eval, "calibrated", model)
+    if stage_eval:
+        report["stage_eval"] = stage_eval
+    return PassResult(report=report, handle=handle)

@@ -24,7 +24,14 @@ import dataclasses
 import torch.nn as nn
 
 from compressx.ops.vit_quant import fold_all
-from compressx.passes._vit_ptq import ViTQuantConfig, base_report, initialise, prepare, vit_problems
+from compressx.passes._vit_ptq import (
+    ViTQuantConfig,
+    base_report,
+    evaluate_stage,
+    initialise,
+    prepare,
+    vit_problems,
+)
 from compressx.registry import PassContext, PassResult, register_pass
 
 
@@ -55,7 +62,12 @@ def apply_repq_vit(model: nn.Module, config: RepqVitConfig, ctx: PassContext) ->
     )
     initialise(model, images, weights=False, activations=True)
     folds = fold_all(model, layout, config.round_zero_point)
+    stage_eval: dict[str, dict] = {}
+    evaluate_stage(ctx.evaluate, stage_eval, "reparameterised", model)  # activations quantized, weights not yet
     initialise(model, images, weights=True, activations=True)
+    evaluate_stage(ctx.evaluate, stage_eval, "calibrated", model)
     report = base_report(config, layout, images, model)
     report["reparameterised"] = folds
+    if stage_eval:
+        report["stage_eval"] = stage_eval
     return PassResult(report=report, handle=handle)

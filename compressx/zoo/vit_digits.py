@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compressx.threads import tiny_model_threads
+
 NAME = "vit_digits"
 # Bump when anything below changes the trained weights: it is part of the cache key.
 BUILDER_VERSION = 2
@@ -66,6 +68,7 @@ def build_empty() -> ViTDigits:
     return ViTDigits()
 
 
+@tiny_model_threads()
 def train(progress: bool = True) -> tuple[ViTDigits, dict[str, Any]]:
     """Train the model on the noisy digits training split, deterministically."""
     from compressx.images import parse_image_data_spec, top1
@@ -88,6 +91,7 @@ def train(progress: bool = True) -> tuple[ViTDigits, dict[str, Any]]:
         "test_top1": round(top1(model, test), 3),
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return model, info
 

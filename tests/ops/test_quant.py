@@ -15,9 +15,11 @@ from compressx.ops.quant import (
     calibrate_uniform,
     fake_quant_uniform,
     pack_codes,
+    pack_int32_rows,
     packed_code_bytes,
     set_quant_state,
     unpack_codes,
+    unpack_int32_rows,
 )
 
 
@@ -138,6 +140,30 @@ def test_pack_unpack_round_trip(bits):
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_code_bytes(codes.numel(), bits) == math.ceil(codes.numel() * bits / 8)
     assert torch.equal(unpack_codes(packed, bits, codes.shape), codes)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int32_row_packing_round_trip_and_layout(bits):
+    codes = torch.randint(0, 2**bits, (5, 19), generator=torch.Generator().manual_seed(bits))
+    words = pack_int32_rows(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (5, math.ceil(19 * bits / 32))
+    assert torch.equal(unpack_int32_rows(words, bits, 19), codes)
+    row = torch.tensor([[2**bits - 1] + [0] * (32 // bits - 1)])  # the first code in the lowest bits of a word
+    assert pack_int32_rows(row, bits).tolist() == [[2**bits - 1]]
+    high = torch.tensor([[0] * (32 // bits - 1) + [2**bits - 1]])  # the last code in the sign bit: negative int32
+    assert int(pack_int32_rows(high, bits)) < 0 and torch.equal(
+        unpack_int32_rows(pack_int32_rows(high, bits), bits, high.shape[1]), high
+    )
+
+
+def test_int32_row_packing_matches_compressed_tensors():
+    helpers = pytest.importorskip(
+        "compressed_tensors.compressors.pack_quantized.helpers", reason="compressed-tensors not installed"
+    )
+    for bits in (4, 8):
+        codes = torch.randint(0, 2**bits, (6, 21), generator=torch.Generator().manual_seed(0))
+        signed = (codes - 2 ** (bits - 1)).to(torch.int8)
+        assert torch.equal(pack_int32_rows(codes, bits), helpers.pack_to_int32(signed, bits))
 
 
 def test_pack_int4_is_two_codes_per_byte_low_nibble_first():

@@ -68,7 +68,7 @@ def test_shuffle_is_undone_and_keeps_each_elements_values():
 
 @pytest.mark.parametrize("size,count", [((256, 256), 9), ((256, 512), 21), ((384, 384), 25), ((512, 512), 49)])
 def test_window_counts_match_the_closed_form(size, count):
-    # SDXL latents (s=128, stride 64) at 2048², 2048x4096, 3072², 4096² (CutDiffusion, arXiv:2404.15141: the official SDXL setting).
+    # SDXL latents (s=128, stride 64) at 2048², 2048x4096, 3072², 4096², the official SDXL setting.
     assert len(window_starts(size[0], 128, 64)) * len(window_starts(size[1], 128, 64)) == count
 
 

@@ -134,3 +134,51 @@ def test_keep_full_precision_leaves_head_and_patch_embed_plain(images):
     compressx.apply(model, [{"pass": "ptq_minmax", "config": cfg}], data=images, progress=False)
     assert type(model.head) is torch.nn.Linear
     assert type(model.patch_embed.proj) is torch.nn.Conv2d
+
+
+STAGES = {"ptq_minmax": ["calibrated"], "repq_vit": ["reparameterised", "calibrated"],
+          "isvit": ["stage1", "stage2", "stage3"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("pass_name", list(PASSES))
+def test_stage_eval_reports_the_callers_metric_after_each_stage(pass_name, images, one_thread):
+    held_out = images[32:48]
+
+    def mean_logit(model):
+        with torch.no_grad():
+            return {"mean_logit": logits(model, held_out).mean().item()}
+
+    step = {"pass": pass_name, "config": PASSES[pass_name]}
+    plain = tiny_timm_vit()
+    plain_report = compressx.apply(plain, [step], data=images, progress=False).steps[0].report
+    assert "stage_eval" not in plain_report  # no evaluation set, no key
+    model = tiny_timm_vit()
+    report = compressx.apply(model, [step], data=images, progress=False, evaluate=mean_logit).steps[0].report
+    stage_eval = report["stage_eval"]
+    assert list(stage_eval) == STAGES[pass_name]
+    assert stage_eval[STAGES[pass_name][-1]] == mean_logit(model)  # the last stage is the model returned
+    assert torch.equal(logits(model, held_out), logits(plain, held_out))  # measuring changed nothing
+    values = list(stage_eval.values())
+    if pass_name != "ptq_minmax":  # measured on the model as it then was (weights quantized only at the end)
+        assert values[0] != values[-1]
+
+
+def test_recipe_eval_reaches_the_stages(tmp_path, one_thread):
+    from compressx.api import run_recipe
+    from compressx.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": {"source": "timm", "id": "vit_tiny_patch16_224", "pretrained": False,
+                      "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                                 "in_chans": 1, "num_classes": 10}},
+            "data": {"calibration": {"source": "digits", "split": "train"}},
+            "steps": [{"pass": "isvit", "config": PASSES["isvit"]}],
+            "eval": [{"metric": "top1", "data": {"source": "digits", "split": "test"}, "batch_size": 256}],
+        }
+    )  # fmt: skip
+    run = run_recipe(recipe, progress=False, export=False)
+    stage_eval = run.result.steps[0].report["stage_eval"]
+    assert list(stage_eval) == ["stage1", "stage2", "stage3"]
+    assert stage_eval["stage3"] == run.eval_after
+    assert all(0 <= value <= 100 for values in stage_eval.values() for value in values.values())

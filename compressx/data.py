@@ -88,6 +88,38 @@ def stdlib_text(split: str) -> str:
     return "\n".join(p.read_bytes().decode("utf-8", errors="replace") for p in stdlib_files(split))
 
 
+def pydoc_split_of(topic: str) -> str:
+    """The split a ``pydoc_data.topics`` topic belongs to: 10% test, 10% val, 80% train, by a hash of its name."""
+    bucket = int(hashlib.sha256(topic.encode()).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def pydoc_topics(split: str) -> list[str]:
+    """The names of the ``pydoc_data.topics`` topics in ``split``, sorted."""
+    from pydoc_data.topics import topics
+
+    return sorted(name for name in topics if pydoc_split_of(name) == split)
+
+
+def pydoc_text(split: str) -> str:
+    """The prose of a split: its topics' texts joined in name order, separated by a blank line."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}; allowed: {', '.join(SPLITS)}")
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in pydoc_topics(split))
+
+
+def pydoc_fingerprint() -> str:
+    """SHA-256 over every topic's name, split and text: changes when ``pydoc_data.topics`` changes."""
+    from pydoc_data.topics import topics
+
+    digest = hashlib.sha256()
+    for name in sorted(topics):
+        digest.update(f"{pydoc_split_of(name)}:{name}:{hashlib.sha256(topics[name].encode()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def corpus_fingerprint() -> str:
     """SHA-256 over every file's relative path, split and size: changes when the stdlib corpus changes."""
     digest = hashlib.sha256()
@@ -183,6 +215,7 @@ def _hf_dataset_text(spec: DataSpec) -> str:
 # source name -> (keys allowed besides source/samples/seq_len/seed, required keys, text loader)
 TEXT_SOURCES: dict[str, tuple[set[str], set[str], Callable[[DataSpec], str]]] = {
     "stdlib_text": ({"split"}, set(), lambda spec: stdlib_text(spec.split or "test")),
+    "pydoc_text": ({"split"}, set(), lambda spec: pydoc_text(spec.split or "test")),
     "text_file": ({"path"}, {"path"}, lambda spec: _read(spec.path, "path")),
     "text_files": ({"paths"}, {"paths"}, lambda spec: "\n\n".join(_read(f, "paths") for f in _expand(spec.paths))),
     "hf_dataset": ({"path", "split", "text_field", "data_files"}, {"path"}, _hf_dataset_text),
@@ -220,7 +253,7 @@ def parse_data_spec(block: Any) -> DataSpec:
     for key in ("path", "split", "text_field", "data_files"):
         if key in block and not isinstance(block[key], str):
             raise ConfigError(f"got {block[key]!r}; expected a string", path=key)
-    if source in ("stdlib_text", "digits_vqa") and block.get("split", "test") not in SPLITS:
+    if source in ("stdlib_text", "pydoc_text", "digits_vqa") and block.get("split", "test") not in SPLITS:
         raise ConfigError(f"got {block['split']!r}; allowed: {', '.join(SPLITS)}", path="split")
     if source == "text_file" and not os.path.isfile(block["path"]):
         raise ConfigError(f"no such file {block['path']!r}", path="path")
@@ -249,6 +282,15 @@ def _check_text_length(spec: DataSpec) -> None:
         files, key, joiner = _expand(spec.paths), "paths", 2  # joined with a blank line
     elif spec.source == "stdlib_text" and spec.seq_len > _STDLIB_SPLIT_BYTES_AT_LEAST:
         files, key, joiner = stdlib_files(spec.split or "test"), "split", 1  # scanning the stdlib takes a second
+    elif spec.source == "pydoc_text":
+        text_bytes = len(pydoc_text(spec.split or "test").encode())
+        if text_bytes < spec.seq_len:
+            raise ConfigError(
+                f"pydoc_text/{spec.split or 'test'} is {text_bytes:,} bytes, so at most {text_bytes:,} tokens: "
+                f"fewer than seq_len={spec.seq_len:,}",
+                path="seq_len",
+            )
+        return
     else:
         return
     text_bytes = sum(os.path.getsize(f) for f in files)

@@ -205,7 +205,8 @@ def _model_card(manifest: dict[str, Any]) -> str:
     source = manifest.get("source") or {}
     lines += [f"# Compressed {manifest['model']['class']}", ""]
     if source:
-        lines += [f"Base model: `{source.get('source')}:{source.get('id')}`.", ""]
+        gguf = f", GGUF file `{source['gguf_file']}` dequantized" if source.get("gguf_file") else ""
+        lines += [f"Base model: `{source.get('source')}:{source.get('id')}`{gguf}.", ""]
     if manifest["model"].get("note"):
         lines += [f"Note: {manifest['model']['note']}.", ""]
     lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]

@@ -20,8 +20,10 @@ Resuming: with ``checkpoint`` (``compressx.checkpoint.LayerCheckpoints``), each 
 instead of calibrating and pruning them, and runs them forward to get the next layer's inputs, so it continues
 at the first layer without a checkpoint, with the inputs an uninterrupted run would have given it.
 
-Architectures are chosen through ``DECODER_LAYERS``: model_type -> path of the decoder layer list. Adding one
-is one line, when its decoder layers take ``(hidden_states, **kwargs)`` like the transformers Llama family.
+Architectures: the decoder layers are found from the model itself (``compressx.targets.decoder_layers_path``: the
+``ModuleList`` of the blocks transformers names in ``_no_split_modules``), so any decoder-only LM transformers
+ships works whose layers take the hidden states first (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, Falcon,
+OPT...). ``DECODER_LAYERS`` (model_type -> path of the decoder layer list) overrides that for a model it gets wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import inspect
 import logging
 import sys
 import warnings
@@ -48,34 +51,29 @@ from compressx.targets import weight_matrix
 
 log = logging.getLogger(__name__)
 
-# model_type (transformers config) -> dotted path of the ModuleList of decoder layers
-DECODER_LAYERS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "mixtral": "model.layers",
-    "qwen2_moe": "model.layers",
-    "qwen3_moe": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-}
+# model_type (transformers config) -> dotted path of the ModuleList of decoder layers, for a model whose layers
+# ``compressx.targets.decoder_layers_path`` does not find by itself (none known today)
+DECODER_LAYERS: dict[str, str] = {}
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
 MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The dotted path and the ModuleList of a supported model's decoder layers; a clear error otherwise."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DECODER_LAYERS:
+    """The dotted path and the ModuleList of a model's decoder layers; a clear error when they cannot be found."""
+    from compressx.targets import decoder_layers_path
+
+    path = decoder_layers_path(model)
+    if path is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise CompressxError(
-            f"layer-by-layer calibration supports model types {', '.join(sorted(DECODER_LAYERS))}; "
-            f"{type(model).__name__} has model_type {model_type!r}. To add one, map its model_type to the path "
-            "of its decoder-layer ModuleList in compressx.layerwise.DECODER_LAYERS"
+            f"layer-by-layer calibration cannot find the decoder layers of {type(model).__name__} "
+            f"(model_type {model_type!r}): it has no ModuleList of repeated blocks. Name the path of its "
+            "decoder-layer ModuleList for its model_type in compressx.layerwise.DECODER_LAYERS"
         )
-    path = DECODER_LAYERS[model_type]
     layers = model.get_submodule(path)
+    if not isinstance(layers, nn.ModuleList):
+        raise CompressxError(f"{type(model).__name__}: {path!r} is a {type(layers).__name__}, not a ModuleList")
     return path, layers
 
 
@@ -262,10 +260,17 @@ def capture_layer_inputs(
     """Run ``tokens`` through the model up to its first decoder layer; return its inputs per micro-batch."""
     _, layers = decoder_layers(model)
 
+    signature = inspect.signature(layers[0].forward).parameters
+    parameters = list(signature)
+    takes_use_cache = "use_cache" in signature or any(p.kind is p.VAR_KEYWORD for p in signature.values())
+
     def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        raise _Captured(hidden, dict(kwargs, use_cache=False))
+        # arguments passed by position (Falcon's alibi and mask, ...) become keywords, so every layer call is
+        # ``layer(hidden, **kwargs)``
+        kwargs = {**dict(zip(parameters, args)), **kwargs}
+        hidden = kwargs.pop(parameters[0]) if parameters[0] in kwargs else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        raise _Captured(hidden, dict(kwargs, use_cache=False) if takes_use_cache else kwargs)
 
     device = execution_device(model)
     hiddens, kwargs_list = [], []

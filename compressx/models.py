@@ -4,6 +4,8 @@ Sources:
 
 * ``hf`` — a transformers model: a hub id or a local directory, loaded with ``class`` (default
   ``AutoModelForCausalLM``; any transformers class with ``from_pretrained``, e.g. ``LlavaForConditionalGeneration``);
+  with ``gguf_file: NAME`` the weights are read from that GGUF file (llama.cpp's format) in the directory or hub
+  repo and dequantized to ``dtype`` by transformers; needs the optional ``gguf`` package (``compressx[gguf]``);
 * ``timm`` — ``timm.create_model(id, pretrained=..., **kwargs)``;
 * ``diffusers`` — a pipeline directory or hub id, loaded with ``DiffusionPipeline.from_pretrained``;
 * ``zoo`` — a compressx proxy model (``compressx.zoo``), built on first use; ``pretrained: false`` gives the
@@ -16,6 +18,7 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ class ModelSpec:
     cls: str | None = None  # ``class:`` in YAML (hf only)
     pretrained: bool = True  # timm / zoo: False builds freshly initialised weights (training from scratch, tests)
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gguf_file: str | None = None  # hf only: a GGUF checkpoint in the directory / hub repo ``id``
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "id": self.id, "dtype": self.dtype}
@@ -44,12 +48,15 @@ class ModelSpec:
             out["class"] = self.cls
         if self.source == "timm" or (self.source == "zoo" and not self.pretrained):
             out["pretrained"] = self.pretrained
+        if self.gguf_file:
+            out["gguf_file"] = self.gguf_file
         if self.kwargs:
             out["kwargs"] = dict(self.kwargs)
         return out
 
 
-_KEYS = {"source", "id", "dtype", "class", "pretrained", "kwargs"}
+_KEYS = {"source", "id", "dtype", "class", "pretrained", "kwargs", "gguf_file"}
+GGUF_EXTRA = "pip install 'compressx[gguf]'"  # the optional extra that brings the gguf package
 
 
 def parse_model_spec(block: Any) -> ModelSpec:
@@ -75,6 +82,10 @@ def parse_model_spec(block: Any) -> ModelSpec:
         raise ConfigError(
             "a zoo model takes no keyword arguments: 'kwargs' applies to sources hf, timm, diffusers", "kwargs"
         )
+    if "gguf_file" in block and block["source"] != "hf":
+        raise ConfigError("'gguf_file' applies to source hf only", path="gguf_file")
+    if "gguf_file" in block and (not isinstance(block["gguf_file"], str) or not block["gguf_file"]):
+        raise ConfigError(f"got {block['gguf_file']!r}; expected the name of a .gguf file in 'id'", path="gguf_file")
     kwargs = block.get("kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ConfigError(f"got {kwargs!r}; expected a mapping of keyword arguments (name: value)", path="kwargs")
@@ -85,6 +96,7 @@ def parse_model_spec(block: Any) -> ModelSpec:
         cls=block.get("class"),
         pretrained=block.get("pretrained", True),
         kwargs=dict(block.get("kwargs", {})),
+        gguf_file=block.get("gguf_file"),
     )
 
 
@@ -106,6 +118,80 @@ def _hf_class(spec: ModelSpec):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ConfigError(f"transformers has no model class {name!r}", path="class")
     return cls
+
+
+def require_gguf() -> None:
+    """A clear error when the optional ``gguf`` package (needed to read GGUF files) is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise CompressxError(f"reading a GGUF file needs the optional 'gguf' package: {GGUF_EXTRA}") from err
+
+
+def gguf_path(model_id: str, gguf_file: str) -> str:
+    """The local path of ``gguf_file`` in the directory (or, already downloaded or downloadable, the hub repo)
+    ``model_id``; a ConfigError when there is no such file."""
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, gguf_file)
+        if not os.path.isfile(path):
+            found = sorted(f for f in os.listdir(model_id) if f.endswith(".gguf"))
+            raise ConfigError(
+                f"no file {gguf_file!r} in {model_id!r}; GGUF files there: {', '.join(found) or 'none'}",
+                path="gguf_file",
+            )
+        return path
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(model_id, gguf_file, _raise_exceptions_for_missing_entries=False)
+    except OSError as err:
+        raise ConfigError(f"cannot find {gguf_file!r} in {model_id!r}: {err}", path="gguf_file") from err
+    if path is None:
+        raise ConfigError(f"no file {gguf_file!r} in {model_id!r}", path="gguf_file")
+    return path
+
+
+def as_dense_checkpoint(model: nn.Module) -> nn.Module:
+    """A model transformers loaded from a GGUF file, marked as the dense model it now is.
+
+    transformers dequantizes every tensor while loading, but keeps the file's quantization marker (a GGUF
+    quantizer and ``config.quantization_config``), so ``save_pretrained`` refuses the model and a saved
+    ``config.json`` would send a reload back to a GGUF file. The weights are ordinary dense tensors: drop the marker.
+    """
+    if getattr(model, "quantization_method", None) is not None and str(model.quantization_method).endswith("GGUF"):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+# llama.cpp's architecture names that transformers renames (transformers.modeling_gguf_pytorch_utils)
+_GGUF_RENAMED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+def gguf_architecture(path: str) -> str:
+    """The architecture a GGUF file declares (``general.architecture``), read from its header only (the tensors are
+    memory-mapped, not read); a ConfigError when transformers cannot load that architecture from GGUF."""
+    require_gguf()
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        architecture = field.contents() if hasattr(field, "contents") else bytes(field.parts[-1]).decode()
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise ConfigError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})", path="gguf_file") from err
+    architecture = _GGUF_RENAMED.get(architecture, architecture)
+    supported = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    if architecture not in supported:
+        raise ConfigError(
+            f"{os.path.basename(path)} holds a {architecture!r} model; transformers reads GGUF files of these "
+            f"architectures: {', '.join(supported)}",
+            path="gguf_file",
+        )
+    return architecture
 
 
 def _family_of(model: Any) -> str:
@@ -156,8 +242,13 @@ def build_model(
             import transformers
 
             cls = _hf_class(spec)
+            gguf = {}
+            if spec.gguf_file:  # checked from the file's header before anything is dequantized
+                gguf_architecture(gguf_path(spec.id, spec.gguf_file))
+                gguf = {"gguf_file": spec.gguf_file}
             if meta:
                 kwargs = spec.kwargs if run_model_code else {**spec.kwargs, "trust_remote_code": False}
+                kwargs = {**kwargs, **gguf}
                 config = transformers.AutoConfig.from_pretrained(spec.id, **kwargs)
                 with torch.device("meta"):
                     if hasattr(cls, "from_config"):
@@ -167,11 +258,16 @@ def build_model(
             else:
                 # safetensors only, never a pickled checkpoint, whatever the kwargs say
                 kwargs = spec.kwargs if run_model_code else {**spec.kwargs, "trust_remote_code": False}
-                model = cls.from_pretrained(spec.id, dtype=dtype, **{**kwargs, "use_safetensors": True}).eval()
+                # A GGUF file is not pickle either: transformers dequantizes its tensors to ``dtype``.
+                weights = gguf or {"use_safetensors": True}
+                model = cls.from_pretrained(spec.id, dtype=dtype, **{**kwargs, **weights}).eval()
+                if gguf:
+                    model = as_dense_checkpoint(model)
             family = _family_of(model)
             # Multimodal models get their processor (text + images) where text models get their tokenizer.
             loader = _hf_processor if family == "mllm" else _hf_tokenizer
-            tokenizer = loader(spec.id) if run_model_code else loader(spec.id, trust_remote_code=False)
+            loader_kwargs = {**gguf, **({} if run_model_code else {"trust_remote_code": False})}
+            tokenizer = loader(spec.id, **loader_kwargs)
             return LoadedModel(model, spec, tokenizer, family)
         if spec.source == "timm":
             import timm

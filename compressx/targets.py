@@ -186,19 +186,28 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def decoder_layers_path(model: nn.Module) -> str | None:
-    """The dotted path of a causal LM's decoder-layer ``ModuleList``: the one ``compressx.layerwise`` knows for its
-    model type, else the list of identical blocks holding the most parameters; None when there is none."""
+    """The dotted path of a causal LM's decoder-layer ``ModuleList``; None when there is none.
+
+    Found from the model itself: a ``ModuleList`` of blocks of a class transformers keeps whole when it splits a
+    model across devices (``_no_split_modules``: the decoder layers, e.g. ``LlamaDecoderLayer``, ``GPT2Block``;
+    a multimodal model also lists its vision blocks, so of several such lists the one holding the most
+    parameters); for a model without that list, the list of identical blocks holding the most parameters.
+    ``compressx.layerwise.DECODER_LAYERS`` (model_type -> path) overrides both, for a model they get wrong.
+    """
     from compressx.layerwise import DECODER_LAYERS
 
     known = DECODER_LAYERS.get(getattr(getattr(model, "config", None), "model_type", None))
     if known is not None:
         return known
-    best, best_size = None, 0
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    best, best_key = None, (0, 0)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = name, size
+        if not isinstance(module, nn.ModuleList) or not len(module) or len({type(m) for m in module}) != 1:
+            continue
+        # lists of the declared blocks first, then the one holding the most parameters
+        key = (int(type(module[0]).__name__ in blocks), sum(p.numel() for p in module.parameters()))
+        if key > best_key:
+            best, best_key = name, key
     return best
 
 

@@ -1,4 +1,7 @@
-"""The CLI end to end, in subprocesses, on the quickstart recipe (builds the zoo model once per session)."""
+"""The CLI end to end, in subprocesses, on a magnitude recipe for the byte-level zoo LM (built once per session).
+
+The real quickstart (recipes/quickstart.yaml, SmolLM2-135M) runs end to end in tests/test_quickstart.py.
+"""
 
 import hashlib
 import os
@@ -13,7 +16,7 @@ import torch
 import compressx
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+RECIPE = str(ROOT / "recipes" / "llm" / "magnitude_llama_byte.yaml")
 
 
 def cli(*args, cache):
@@ -24,9 +27,9 @@ def cli(*args, cache):
 
 
 @pytest.fixture(scope="session")
-def quickstart_export(zoo_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "quickstart"
-    run = cli("apply", QUICKSTART, f"export.dir={out}", "--no-progress", cache=zoo_cache)
+def magnitude_export(zoo_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "magnitude_llama_byte"
+    run = cli("apply", RECIPE, f"export.dir={out}", "--no-progress", cache=zoo_cache)
     assert run.returncode == 0, run.stderr
     return out, run
 
@@ -36,8 +39,8 @@ def sha(path):
 
 
 @pytest.mark.slow
-def test_apply_prints_table_and_writes_export(quickstart_export):
-    out, run = quickstart_export
+def test_apply_prints_table_and_writes_export(magnitude_export):
+    out, run = magnitude_export
     assert "step 0: magnitude (weights) on 28 module(s): sparsity=0.5" in run.stdout
     table = [line for line in run.stdout.splitlines() if line.startswith("perplexity (stdlib_text/test, 64x256)")]
     assert len(table) == 1
@@ -58,10 +61,10 @@ def test_apply_prints_table_and_writes_export(quickstart_export):
 
 
 @pytest.mark.slow
-def test_load_reproduces_in_memory_logits_exactly(quickstart_export, zoo_cache, tmp_path, monkeypatch):
-    out, _ = quickstart_export
+def test_load_reproduces_in_memory_logits_exactly(magnitude_export, zoo_cache, tmp_path, monkeypatch):
+    out, _ = magnitude_export
     monkeypatch.setenv("COMPRESSX_CACHE", zoo_cache)
-    recipe = compressx.load_recipe(QUICKSTART, [f"export.dir={tmp_path / 'again'}"])
+    recipe = compressx.load_recipe(RECIPE, [f"export.dir={tmp_path / 'again'}"])
     run = compressx.run_recipe(recipe, progress=False)
     # the same recipe in another process wrote the same bytes
     assert sha(out / "model.safetensors") == sha(tmp_path / "again" / "model.safetensors")
@@ -72,8 +75,8 @@ def test_load_reproduces_in_memory_logits_exactly(quickstart_export, zoo_cache, 
 
 
 @pytest.mark.slow
-def test_cli_load_eval_and_show(quickstart_export, zoo_cache):
-    out, _ = quickstart_export
+def test_cli_load_eval_and_show(magnitude_export, zoo_cache):
+    out, _ = magnitude_export
     run = cli("load", str(out), "--eval", "--no-progress", cache=zoo_cache)
     assert run.returncode == 0, run.stderr
     assert "all file hashes match" in run.stdout and "reproduces the recorded metrics exactly" in run.stdout
@@ -84,9 +87,9 @@ def test_cli_load_eval_and_show(quickstart_export, zoo_cache):
 
 
 @pytest.mark.slow
-def test_apply_refuses_existing_export_before_building(quickstart_export, zoo_cache):
-    out, _ = quickstart_export
-    run = cli("apply", QUICKSTART, f"export.dir={out}", cache=zoo_cache)
+def test_apply_refuses_existing_export_before_building(magnitude_export, zoo_cache):
+    out, _ = magnitude_export
+    run = cli("apply", RECIPE, f"export.dir={out}", cache=zoo_cache)
     assert run.returncode == 2 and "exists; pass --overwrite" in run.stderr
 
 

@@ -37,7 +37,7 @@ def test_text_file_source(tmp_path):
         (
             {"source": "wikitext"},
             "source",
-            "allowed: digits_vqa, hf_dataset, image_prompts, stdlib_text, text_file, text_files",
+            "allowed: digits_vqa, hf_dataset, image_prompts, pydoc_text, stdlib_text, text_file, text_files",
         ),
         ({"source": "stdlib_text", "split": "dev"}, "split", "allowed: train, val, test"),
         ({"source": "stdlib_text", "sampels": 3}, "sampels", "did you mean 'samples'?"),
@@ -85,3 +85,30 @@ def test_hf_dataset_from_disk_and_from_data_files(tmp_path):
     bad = parse_data_spec({"source": "hf_dataset", "path": str(tmp_path / "saved"), "text_field": "body"})
     with pytest.raises(ConfigError, match="no column 'body'; columns: text, id"):
         load_tokens(bad, ByteTokenizer())
+
+
+def test_pydoc_text_is_split_by_topic_disjointly_and_deterministically():
+    from pydoc_data.topics import topics
+
+    from compressx.data import pydoc_fingerprint, pydoc_split_of, pydoc_text, pydoc_topics
+
+    splits = {s: pydoc_topics(s) for s in ("train", "val", "test")}
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(topics)  # every topic, once
+    assert all(splits.values()) and len(splits["train"]) > 4 * len(splits["test"])
+    assert all(pydoc_split_of(name) == split for split, names in splits.items() for name in names)
+    test = pydoc_text("test")
+    assert test == pydoc_text("test") and topics[splits["test"][0]].strip() in test
+    assert topics[splits["train"][0]].strip() not in test
+    assert len(pydoc_fingerprint()) == 64 and pydoc_fingerprint() == pydoc_fingerprint()
+
+
+def test_pydoc_text_source_gives_seeded_windows_of_english_prose():
+    spec = parse_data_spec({"source": "pydoc_text", "split": "val", "samples": 3, "seq_len": 64, "seed": 1})
+    tokens = load_tokens(spec, ByteTokenizer())
+    assert tokens.shape == (3, 64) and torch.equal(tokens, load_tokens(spec, ByteTokenizer()))
+    text = bytes(tokens.flatten().tolist()).decode("utf-8", errors="replace")
+    assert sum(c.isalpha() or c == " " for c in text) > 0.7 * len(text)  # prose, not code
+    with pytest.raises(ConfigError, match="split: got 'dev'; allowed: train, val, test"):
+        parse_data_spec({"source": "pydoc_text", "split": "dev"})
+    with pytest.raises(ConfigError, match="fewer than seq_len=1,000,000"):
+        parse_data_spec({"source": "pydoc_text", "split": "test", "seq_len": 1_000_000})

@@ -1,5 +1,7 @@
 """The layer-by-layer calibration driver: statistics, capture, equivalence with a direct computation."""
 
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,13 +90,40 @@ def test_targets_outside_decoder_layers_are_refused(tiny_llama):
                              lambda *a: None)  # fmt: skip
 
 
-def test_unsupported_architecture_gets_a_clear_error():
+def test_gpt_neox_decoder_layers_are_found_without_a_table():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
                                              num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    path, layers = decoder_layers(model)
+    assert path == "gpt_neox.layers" and layers is model.gpt_neox.layers
+
+
+class _NoLayers(torch.nn.Module):
+    """A model with a config but no list of repeated blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy_lm", use_cache=False)
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, **kwargs):
+        return self.fc(torch.nn.functional.one_hot(input_ids, 8).float())
+
+
+def test_model_without_decoder_layers_gets_one_clear_error():
     with pytest.raises(CompressxError) as err:
-        decoder_layers(model)
+        decoder_layers(_NoLayers())
     message = str(err.value)
-    assert "supports model types gpt2, llama, mistral, mixtral, opt, qwen2, qwen2_moe, qwen3, qwen3_moe" in message
-    assert "model_type 'gpt_neox'" in message and "compressx.layerwise.DECODER_LAYERS" in message
+    assert "cannot find the decoder layers of _NoLayers (model_type 'toy_lm')" in message
+    assert "compressx.layerwise.DECODER_LAYERS" in message
+
+
+def test_decoder_layers_table_overrides_the_search(tiny_llama, monkeypatch):
+    from compressx import layerwise
+
+    monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.layers")
+    assert decoder_layers(tiny_llama)[0] == "model.layers"
+    monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.norm")
+    with pytest.raises(CompressxError, match="'model.norm' is a LlamaRMSNorm, not a ModuleList"):
+        decoder_layers(tiny_llama)

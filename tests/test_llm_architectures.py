@@ -57,3 +57,56 @@ def test_recipe_export_reload(arch, step, bpe_tokenizer, tmp_path):
     tokens = torch.randint(0, len(bpe_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(run.model(input_ids=tokens).logits, reloaded(input_ids=tokens).logits)
+
+
+# ---- decoder layers found from the model itself: Wanda on tiny configs of many transformers decoders ---------------
+
+TINY = {"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 128}  # fmt: skip
+DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2,
+                                                     "head_dim": 8}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2,
+                                                              "head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2,
+                                               "pad_token_id": 0}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"intermediate_size": 64}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+}  # fmt: skip
+
+
+def make_decoder(arch):
+    config_cls, model_cls, extra = DECODERS[arch]
+    base = {} if arch == "gpt2" else dict(TINY)
+    config = getattr(transformers, config_cls)(**{**base, **extra, "vocab_size": 320})
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("pass_name", ["wanda", "sparsegpt", "dsnot"])
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_layerwise_passes_find_the_decoder_layers_of_any_decoder(arch, pass_name):
+    model = make_decoder(arch)
+    assert model.config.model_type == arch
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = compressx.apply(model, [{"pass": pass_name, "config": {"sparsity": 0.5}}], tokens, progress=False)
+    report = result.steps[0].report
+    targets = result.steps[0].targets
+    assert {n.split(".")[n.split(".").index("0") - 1] if ".0." in n else None for n in targets} - {None}, targets
+    assert {".0." in n or ".1." in n for n in targets} == {True}, targets  # inside the two decoder layers only
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-6), report
+    assert report["modules"] == len(targets)
+    for name in targets:  # every target pruned by half; nothing outside the targets changed
+        weight = model.get_submodule(name).weight
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6), name
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"{name}.weight" for name in targets}
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=tokens).logits).all()

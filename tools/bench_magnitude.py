@@ -46,7 +46,7 @@ def main() -> None:
         "",
         f"Model `zoo:llama_byte_1m` (byte-level Llama, {sum(p.numel() for p in dense.parameters()):,} parameters),",
         f"perplexity on the stdlib `test` split, {args.samples} windows x 256 bytes, seed 0. All Linear layers of",
-        "the decoder are pruned; `lm_head` is kept dense (as in the quickstart).",
+        "the decoder are pruned; `lm_head` is kept dense (as in recipes/llm/magnitude_llama_byte.yaml).",
         "",
         f"Command: `python tools/bench_magnitude.py --samples {args.samples}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -30,7 +30,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
         seconds = time.perf_counter() - start
-        print(f"| {name} | {seconds:.1f} | {info['val_perplexity']:.3f} | {info['parameters']:,} |", flush=True)
+        print(
+            f"| {name} | {seconds:.1f} | {info.get('val_perplexity', float('nan')):.3f} | {info['parameters']:,} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

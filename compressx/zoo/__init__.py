@@ -33,7 +33,7 @@ import torch.nn as nn
 from compressx.atomic import exchange, fsync_tree, rename_noreplace, sha256_file, target_lock
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, vit_digits
+from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, smollm2, vit_digits
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ class ZooMember:
     tokenizer: Callable[[], Any]
     cache_salt: Callable[[], str]
     save: Callable[[nn.Module, Path], None] = lambda model, directory: model.save_pretrained(directory)
+    # the tokenizer cached beside the weights (members whose tokenizer is data, not code); else ``tokenizer()``
+    load_tokenizer: Callable[[str], Any] | None = None
 
 
 def _member(module: Any, family: str, tokenizer: Callable[[], Any] = lambda: None) -> ZooMember:
     """A zoo member from its builder module: NAME, BUILDER_VERSION, build_empty, train, load, cache_salt, and
-    ``save`` when its model has no ``save_pretrained``."""
+    ``save`` when its model has no ``save_pretrained`` (or it saves more), ``load_tokenizer`` when it caches one."""
     return ZooMember(
         name=module.NAME,
         family=family,
@@ -68,6 +70,7 @@ def _member(module: Any, family: str, tokenizer: Callable[[], Any] = lambda: Non
         tokenizer=tokenizer,
         cache_salt=module.cache_salt,
         **({"save": module.save} if hasattr(module, "save") else {}),
+        **({"load_tokenizer": module.load_tokenizer} if hasattr(module, "load_tokenizer") else {}),
     )
 
 
@@ -80,6 +83,7 @@ MEMBERS: dict[str, ZooMember] = {
         _member(llava_digits, "mllm", llava_digits.WordTokenizer),
         _member(sd_digits, "diffusion"),
         _member(vit_digits, "vit"),
+        _member(smollm2, "llm", smollm2.tokenizer),
     )
 }
 
@@ -166,4 +170,5 @@ def load_zoo_model(name: str, progress: bool = True) -> tuple[Any, Any]:
                 log.warning("the cached zoo model %s in %s is unusable: %s; rebuilding it", name, target, problem)
             if problem:
                 _build(member, target, progress)
-    return member.load(str(target)), member.tokenizer()
+    tokenizer = member.load_tokenizer(str(target)) if member.load_tokenizer else member.tokenizer()
+    return member.load(str(target)), tokenizer

@@ -40,6 +40,9 @@ def test_quickstart_prunes_smollm2_2of4_and_prints_perplexity_before_and_after(z
     assert len(table) == 1, run.stdout
     before, after = (float(v) for v in table[0].split()[-3:-1])
     assert 1.0 < before < after  # 2:4 on every decoder Linear costs perplexity
+    # The numbers the README prints are the numbers a fresh run prints (one thread: the same on any core count).
+    readme = (ROOT / "README.md").read_text()
+    assert table[0] in readme, f"README's quickstart output is stale; this run printed:\n{table[0]}"
     assert before < 30.0  # a pretrained LM on English prose (a random one: about 49,152, the vocabulary size)
     manifest = json.loads((out / "compressx.json").read_text())
     assert manifest["source"] == {"source": "zoo", "id": "smollm2_135m", "dtype": "float32"}

@@ -90,17 +90,18 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))
-    entry = write_module_entry(model, directory, source)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) == 1:  # rebuilt architectures start in float32: reload casts them back
-        entry["dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    return entry
+    # rebuilt architectures start in float32: reload casts them back
+    dtype = {"dtype": str(dtypes.pop()).removeprefix("torch.")} if len(dtypes) == 1 else {}
+    return write_module_entry(model, directory, source, **dtype)
 
 
-def write_module_entry(model: nn.Module, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:
+def write_module_entry(
+    model: nn.Module, directory: Path, source: dict[str, Any] | None, **fields: Any
+) -> dict[str, Any]:
     """How to rebuild a plain module (not a transformers model): a timm architecture, a zoo member or the user's
-    own class; written as ``config.json`` and returned as the manifest's ``model`` entry."""
-    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    own class, plus ``fields``; written as ``config.json`` and returned as the manifest's ``model`` entry."""
+    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", **fields}
     if source and source.get("source") == "timm":
         entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
     elif source and source.get("source") == "zoo":

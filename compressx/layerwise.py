@@ -98,7 +98,7 @@ def is_mlp(model: nn.Module, relative_name: str) -> bool:
 class LinearStats:
     """Statistics of a Linear's inputs over the calibration sequences.
 
-    Accumulated per sequence, as the reference code does (DSnoT spec §A.2):
+    Accumulated per sequence, as the DSnoT reference code does:
     ``mean`` — per-channel mean over all tokens; ``var`` — the within-sequence population variance, averaged
     over sequences with token-count weights (the spread of per-sequence means is left out); ``sq_norm`` —
     ``||X_r||^2 / n_sequences`` (the Wanda norm, squared); ``hessian`` — ``2/n_tokens * X X^T`` when asked.

@@ -6,7 +6,7 @@ prunes a fresh copy of the dense model (decoder Linears; lm_head dense):
 * magnitude (per layer, the classic baseline) and magnitude per row;
 * wanda, sparsegpt (paper's block scope);
 * DSnoT on each start (wanda, magnitude, sparsegpt) and, as its matched baseline, the same start through the
-  same code with ``max_cycles: 0`` (same per-row grouping: spec §A.12.2).
+  same code with ``max_cycles: 0`` (same per-row grouping).
 
 Measured: perplexity on the stdlib test split; the relative reconstruction error of the decoder Linears,
 ``||(W - What) X||^2 / ||W X||^2`` averaged over Linears, with X the inputs each Linear sees in the *dense*

@@ -1,7 +1,7 @@
 """DSnoT: training-free refinement of a sparse LLM's mask ("Dynamic Sparse No Training").
 
 Zhang et al., "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", ICLR 2024,
-arXiv:2310.08915 (reference code ``zyxxmu/DSnoT``). Implemented from ``shared/research/dsnot_isvit.md`` Part A.
+arXiv:2310.08915 (reference code ``zyxxmu/DSnoT``).
 
 Per Linear, inside the layer-by-layer calibration loop: an initial mask (``init``: Wanda, per-row magnitude, or
 SparseGPT) is refined row by row to cancel the *expected* reconstruction error of each output,
@@ -16,7 +16,7 @@ take their dense values.
 
 The refinement is vectorised over rows (one small loop over cycles, none over rows or weights).
 
-Where this follows the paper rather than the reference code (see the spec, §A.12):
+Where this follows the paper rather than the reference code (bugs of the reference code):
 
 * ``init: sparsegpt`` runs real SparseGPT (Hessian accumulated, weights updated; per-row counts, so every row
   starts at the target sparsity like the other starts) and DSnoT then refines with the error of the updated
@@ -59,7 +59,7 @@ _VAR_FLOOR = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class DsnotConfig(PassConfig):
-    """Config of the ``dsnot`` pass (defaults: the reference code's, spec §A.11).
+    """Config of the ``dsnot`` pass (defaults: the reference code's).
 
     Attributes:
         init: initial mask: ``wanda``, ``magnitude`` (per row) or ``sparsegpt`` computed here, or ``previous``:
@@ -240,7 +240,7 @@ def initial_mask(
     """
     dense = weight.detach().float()
     if config.init == "sparsegpt":
-        # per-row scope: DSnoT works per row, and its matched baseline needs the same grouping (spec §A.12.2)
+        # per-row scope: DSnoT works per row, and its matched baseline needs the same grouping
         current, keep = sparsegpt_prune(
             dense, stats.hessian, config.sparsity, config.nm, scope="row" if config.nm is None else "block",
             blocksize=config.blocksize, percdamp=config.percdamp,

@@ -34,16 +34,22 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def make_mixtral(seed: int = 0) -> MixtralForCausalLM:
-    torch.manual_seed(seed)
-    config = MixtralConfig(**SMALL, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():  # transformers leaves fused expert parameters at zero-variance init in some versions
+def with_random_experts(model):
+    """Fused expert parameters drawn from N(0, 0.05): transformers leaves them at a zero-variance init in some
+    versions, and pruning needs distinct magnitudes."""
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, FusedExperts):
                 for param in module.parameters(recurse=False):
                     param.normal_(0, 0.05)
     return model
+
+
+def make_mixtral(seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    config = MixtralConfig(**SMALL, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config).eval()
+    return with_random_experts(model)
 
 
 def make_qwen_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
@@ -52,12 +58,7 @@ def make_qwen_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
                             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                             decoder_sparse_step=1)  # fmt: skip
     model = Qwen2MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FusedExperts):
-                for param in module.parameters(recurse=False):
-                    param.normal_(0, 0.05)
-    return model
+    return with_random_experts(model)
 
 
 def make_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
@@ -65,12 +66,7 @@ def make_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
     config = Qwen3MoeConfig(**SMALL, head_dim=8, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                             num_experts_per_tok=2, decoder_sparse_step=1)  # fmt: skip
     model = Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FusedExperts):
-                for param in module.parameters(recurse=False):
-                    param.normal_(0, 0.05)
-    return model
+    return with_random_experts(model)
 
 
 def tokens(n: int = 4, seq_len: int = 16) -> torch.Tensor:

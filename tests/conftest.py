@@ -46,6 +46,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def save_tiny_hf_llama(directory, tokenizer, layers: int = 2):
+    """A local transformers checkpoint in ``directory``: a tiny Llama (seed 0) and ``tokenizer``."""
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

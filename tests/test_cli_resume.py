@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_hf_llama
 from safetensors.torch import load_file
 
 import compressx
@@ -81,17 +82,7 @@ def test_training_killed_mid_epoch_and_resumed_exports_the_same_weights(tmp_path
 @pytest.fixture(scope="module")
 def hf_llama_dir(tmp_path_factory, bpe_tokenizer):
     """A local transformers checkpoint: a 4-layer tiny Llama and a BPE tokenizer trained here."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    bpe_tokenizer.save_pretrained(directory)
-    config = LlamaConfig(
-        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_tiny_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", bpe_tokenizer, layers=4)
 
 
 def layerwise_recipe(tmp_path: Path, model_dir: Path, pass_name: str = "sparsegpt") -> Path:

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import save_tiny_hf_llama
 
 import compressx
 from compressx.errors import CompressxError, RecipeError
@@ -16,17 +17,7 @@ from compressx.recipe import check_recipe, parse_recipe
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, bpe_tokenizer):
     """A local transformers checkpoint: a tiny Llama and a byte-level BPE tokenizer trained here."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    bpe_tokenizer.save_pretrained(directory)
-    config = LlamaConfig(
-        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_tiny_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", bpe_tokenizer, layers=2)
 
 
 def test_hf_local_dir_recipe_end_to_end(hf_dir, tmp_path):

@@ -47,13 +47,10 @@ from tqdm.auto import tqdm
 from compressx.checkpoint import LayerCheckpoints
 from compressx.errors import CompressxError
 from compressx.ops.sparsity import check_finite
-from compressx.targets import weight_matrix
+from compressx.targets import DECODER_LAYERS, weight_matrix  # noqa: F401 (DECODER_LAYERS is documented here too)
 
 log = logging.getLogger(__name__)
 
-# model_type (transformers config) -> dotted path of the ModuleList of decoder layers, for a model whose layers
-# ``compressx.targets.decoder_layers_path`` does not find by itself (none known today)
-DECODER_LAYERS: dict[str, str] = {}
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
 MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)

@@ -185,6 +185,11 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+# model_type (transformers config) -> dotted path of the ModuleList of decoder layers, for a model whose layers
+# ``decoder_layers_path`` does not find by itself (none known today)
+DECODER_LAYERS: dict[str, str] = {}
+
+
 def decoder_layers_path(model: nn.Module) -> str | None:
     """The dotted path of a causal LM's decoder-layer ``ModuleList``; None when there is none.
 
@@ -192,10 +197,9 @@ def decoder_layers_path(model: nn.Module) -> str | None:
     model across devices (``_no_split_modules``: the decoder layers, e.g. ``LlamaDecoderLayer``, ``GPT2Block``;
     a multimodal model also lists its vision blocks, so of several such lists the one holding the most
     parameters); for a model without that list, the list of identical blocks holding the most parameters.
-    ``compressx.layerwise.DECODER_LAYERS`` (model_type -> path) overrides both, for a model they get wrong.
+    ``DECODER_LAYERS`` (model_type -> path; also ``compressx.layerwise.DECODER_LAYERS``) overrides both, for a
+    model they get wrong.
     """
-    from compressx.layerwise import DECODER_LAYERS
-
     known = DECODER_LAYERS.get(getattr(getattr(model, "config", None), "model_type", None))
     if known is not None:
         return known

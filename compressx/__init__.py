@@ -6,16 +6,26 @@ Python API::
     result = compressx.apply(model, [{"pass": "magnitude", "config": {"sparsity": 0.5}, "ignore": ["lm_head"]}])
     compressx.save(model, "out/pruned", result)
     model = compressx.load("out/pruned")
+
+``Recipe``, ``load_recipe`` and ``run_recipe`` are imported on first use: the recipe format and runner bring the
+model builders, the evaluators and the trainer, which ``import compressx`` does not need.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from compressx.api import ApplyResult, StepResult, apply, prepare, run_recipe
+from typing import TYPE_CHECKING, Any
+
+from compressx._version import __version__
 from compressx.config import PassConfig
+from compressx.engine import ApplyResult, StepResult, StepSpec, apply, prepare
 from compressx.errors import CompressxError, ConfigError, ExportError, RecipeError, RegistryError, TargetError
-from compressx.export import load, read_manifest, save
-from compressx.recipe import Recipe, StepSpec, load_recipe
+from compressx.export import load, save
+from compressx.manifest import read_manifest
 from compressx.registry import PassContext, PassResult, PassSpec, get_pass, list_passes, register_pass
+
+if TYPE_CHECKING:
+    from compressx.recipe import Recipe, load_recipe
+    from compressx.runner import run_recipe
 
 __all__ = [
     "ApplyResult",
@@ -32,6 +42,7 @@ __all__ = [
     "StepResult",
     "StepSpec",
     "TargetError",
+    "__version__",
     "apply",
     "get_pass",
     "list_passes",
@@ -43,3 +54,15 @@ __all__ = [
     "run_recipe",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Recipe", "load_recipe"):
+        from compressx import recipe
+
+        return getattr(recipe, name)
+    if name == "run_recipe":
+        from compressx import runner
+
+        return runner.run_recipe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

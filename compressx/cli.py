@@ -37,15 +37,13 @@ def _eval_table(before: dict[str, float], after: dict[str, float]) -> str:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from compressx.api import run_recipe
     from compressx.recipe import load_recipe
+    from compressx.runner import is_main_process, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = run_recipe(
         recipe, overwrite=args.overwrite, progress=not args.no_progress, export=not args.no_export, resume=args.resume
     )
-    from compressx.api import is_main_process
-
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 0
     for i, step in enumerate(run.result.steps):
@@ -55,7 +53,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print()
         print(_eval_table(run.eval_before, run.eval_after))
     if run.export_dir:
-        from compressx.export import MANIFEST, manifest_digest
+        from compressx.manifest import MANIFEST, manifest_digest
 
         print(f"\nexported to {run.export_dir}  (reload: compressx.load({run.export_dir!r}))")
         digest = manifest_digest(run.export_dir)
@@ -64,7 +62,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from compressx.recipe import check_recipe, load_recipe
+    from compressx.recipe import load_recipe
+    from compressx.runner import check_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_recipe(recipe, overwrite=args.overwrite)
@@ -132,7 +131,7 @@ def _show_manifest(directory: str, manifest: dict[str, Any]) -> str:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from compressx.export import read_manifest
+    from compressx.manifest import read_manifest
 
     print(_show_manifest(args.dir, read_manifest(args.dir)))
     return 0
@@ -140,7 +139,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Check the manifest (and its digest with --expect) and every file's SHA-256; name the files it ignores."""
-    from compressx.export import MANIFEST, manifest_digest, unlisted_files, verify
+    from compressx.manifest import MANIFEST, manifest_digest, unlisted_files, verify
 
     manifest = verify(args.dir, expect=args.expect)
     digest = manifest_digest(args.dir)
@@ -159,7 +158,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
     import yaml
 
     from compressx.evaluate import evaluate, parse_eval_spec
-    from compressx.export import load, load_tokenizer, read_manifest
+    from compressx.export import load, load_tokenizer
+    from compressx.manifest import read_manifest
 
     model = load(args.dir, expect=args.expect)
     manifest = read_manifest(args.dir)
@@ -204,10 +204,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import compressx
+    from compressx._version import __version__
 
     parser = argparse.ArgumentParser(prog="compressx", description="Apply compression recipes to PyTorch models.")
-    parser.add_argument("--version", action="version", version=f"compressx {compressx.__version__}")
+    parser.add_argument("--version", action="version", version=f"compressx {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -23,6 +23,9 @@ part; ``overwrite=True`` replaces only a compressx export holding nothing but th
 ``load`` validates the manifest, verifies the hashes and reads only the files it verified, safetensors and JSON;
 ``load_sparse_state_dict`` does the same and returns the dense tensors unpacked from ``sparse.safetensors``.
 docs/export.md states the guarantees and the trust model.
+
+This module writes and reads the weights and moves the export into place; the manifest's shape, hashes and
+verification are ``compressx.manifest``; the sparsity census and the packed formats ``compressx.sparse_export``.
 """
 
 from __future__ import annotations
@@ -30,39 +33,43 @@ from __future__ import annotations
 import contextlib
 import datetime
 import glob
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import yaml
 from safetensors import SafetensorError
 
-import compressx
+from compressx._version import __version__
 from compressx.atomic import LockBusy, exchange, fsync_dir, fsync_tree, rename_noreplace, sha256_file, target_lock
+from compressx.engine import ApplyResult, StepResult, apply
 from compressx.errors import CompressxError, ExportError
-from compressx.ops.packing import pack_bitmask, pack_nm, pack_zero_signs, unpack_bitmask, unpack_nm
-from compressx.ops.sparsity import is_nm_sparse
+from compressx.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    file_entry_problem,
+    inside_export,
+    read_manifest,
+    unlisted_files,
+    verify,
+    write_module_entry,
+)
 from compressx.registry import get_pass, summarize_report
+from compressx.sparse_export import SPARSE_FORMATS, read_packed, write_sparse
+
+if TYPE_CHECKING:  # the recipe format sits above export (it brings the model builders): for annotations only
+    from compressx.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "compressx.json"
 REAPPLIED_KINDS = ("runtime", "pipeline")
-SPARSE_FORMATS = ("none", "bitmask", "nm")
-SPARSE_FILE = "sparse.safetensors"
-# The N:M patterns a sparsity record can name, tightest first (by N/M, then by M: 1:4 implies 2:8).
-NM_PATTERNS = ((1, 16), (1, 8), (2, 16), (1, 4), (2, 8), (4, 16), (2, 4), (4, 8), (8, 16))
-
 
 _sha256 = sha256_file
 
@@ -70,7 +77,7 @@ _sha256 = sha256_file
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"compressx": compressx.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"compressx": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,109 +103,12 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
     return write_module_entry(model, directory, source, **dtype)
 
 
-def write_module_entry(
-    model: nn.Module, directory: Path, source: dict[str, Any] | None, **fields: Any
-) -> dict[str, Any]:
-    """How to rebuild a plain module (not a transformers model): a timm architecture, a zoo member or the user's
-    own class, plus ``fields``; written as ``config.json`` and returned as the manifest's ``model`` entry."""
-    entry: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", **fields}
-    if source and source.get("source") == "timm":
-        entry.update(format="timm", architecture=source["id"], kwargs=source.get("kwargs", {}))
-    elif source and source.get("source") == "zoo":
-        entry.update(format="zoo", member=source["id"])
-    else:
-        entry.update(format="torch")
-    (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
-    return entry
-
-
 def _is_diffusers_pipeline(model: Any) -> bool:
     try:
         from diffusers import DiffusionPipeline
     except ImportError:
         return False
     return isinstance(model, DiffusionPipeline)
-
-
-def sparsity_entry(weight: torch.Tensor) -> dict[str, Any]:
-    """The manifest's sparsity record of one weight: ``{"sparsity": <zero fraction>, "pattern": <pattern>}``.
-
-    The pattern is the tightest of ``NM_PATTERNS`` that ``weight`` satisfies along its input dimension (OHWI for
-    convs, as the pruning passes use) *and* whose sparsity ``1 - N/M`` is exactly the measured one (within 1e-9);
-    otherwise ``"unstructured"``. So a 2:4 weight with one extra zero reads as unstructured.
-    """
-    sparsity = int((weight == 0).sum()) / weight.numel()
-    pattern = "unstructured"
-    for n, m in NM_PATTERNS:
-        if abs((1 - n / m) - sparsity) <= 1e-9 and is_nm_sparse(weight, n, m):
-            pattern = f"{n}:{m}"
-            break
-    return {"sparsity": round(sparsity, 6), "pattern": pattern}
-
-
-def _sparse_weights(directory: Path, files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The saved tensors a sparsity record covers: floating point, named ``*weight``, dim >= 2, some zero."""
-    from safetensors import safe_open
-
-    for file in files:
-        if not file.endswith(".safetensors"):
-            continue
-        with safe_open(str(directory / file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                if not name.endswith("weight"):
-                    continue
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point() and tensor.dim() >= 2 and bool((tensor == 0).any()):
-                    yield name, tensor
-
-
-def _save_packed(packed: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, dense: int) -> dict[str, Any]:
-    """Write packed tensors to ``path``; return the manifest's ``sparse_format`` entry (size against dense)."""
-    from safetensors.torch import save_file
-
-    save_file(packed, str(path), metadata=metadata)
-    size = path.stat().st_size
-    if not packed:
-        log.warning(
-            "sparse_format %s: no weight tensor qualifies, so %s packs nothing", metadata["sparse_format"], path
-        )
-    return {
-        "format": metadata["sparse_format"],
-        "file": path.name,
-        "bytes": size,
-        "dense_bytes": dense,
-        "ratio": round(size / dense, 6) if dense else None,
-    }
-
-
-def _dense_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _write_packed(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """Write ``tensors`` bitmask-packed to ``path``; return the manifest's ``sparse_format`` entry."""
-    packed: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
-    for name, tensor in tensors.items():
-        packed[f"{name}.values"], packed[f"{name}.bitmask"] = pack_bitmask(tensor)
-        signs = pack_zero_signs(tensor)
-        if signs is not None:
-            packed[f"{name}.zero_signs"] = signs
-        shapes[name] = list(tensor.shape)
-    metadata = {"sparse_format": "bitmask", "shapes": json.dumps(shapes)}
-    return _save_packed(packed, metadata, path, _dense_bytes(tensors))
-
-
-def _write_nm_packed(tensors: dict[str, torch.Tensor], patterns: dict[str, str], path: Path) -> dict[str, Any]:
-    """Write the N:M tensors packed (values + in-block indices, ``ops.packing.pack_nm``); the manifest entry."""
-    packed: dict[str, torch.Tensor] = {}
-    layout: dict[str, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        n, m = (int(x) for x in patterns[name].split(":"))
-        packed[f"{name}.values"], packed[f"{name}.indices"] = pack_nm(tensor, n, m)
-        layout[name] = {"shape": list(tensor.shape), "pattern": patterns[name]}
-    metadata = {"sparse_format": "nm", "layout": json.dumps(layout)}
-    return {**_save_packed(packed, metadata, path, _dense_bytes(tensors)), "tensors": len(tensors)}
 
 
 def _model_card(manifest: dict[str, Any]) -> str:
@@ -228,9 +138,9 @@ def _model_card(manifest: dict[str, Any]) -> str:
 def save(
     model: Any,
     directory: str | os.PathLike,
-    result: Any = None,
+    result: ApplyResult | None = None,
     *,
-    recipe: Any = None,
+    recipe: Recipe | None = None,
     eval_results: dict[str, dict[str, float]] | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
@@ -329,8 +239,8 @@ def _save_locked(target: Path, overwrite: bool, write: Callable[[Path], int]) ->
 def _write_export(
     model: Any,
     tmp: Path,
-    steps: list[Any],
-    recipe: Any,
+    steps: list[StepResult],
+    recipe: Recipe | None,
     eval_results: dict[str, dict[str, float]] | None,
     tokenizer: Any,
     sparse_format: str,
@@ -343,18 +253,7 @@ def _write_export(
     model_entry = write(model, tmp, source)
     # Relative paths: a diffusers pipeline saves one sub-directory per component.
     weight_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    sparsity: dict[str, dict[str, Any]] = {}
-    to_pack: dict[str, torch.Tensor] = {}
-    for name, tensor in _sparse_weights(tmp, weight_files):
-        sparsity[name] = sparsity_entry(tensor)
-        if sparse_format == "bitmask" or (sparse_format == "nm" and sparsity[name]["pattern"] != "unstructured"):
-            to_pack[name] = tensor
-    packed_entry = None
-    if sparse_format == "bitmask":
-        packed_entry = _write_packed(to_pack, tmp / SPARSE_FILE)
-    elif sparse_format == "nm":
-        patterns = {name: sparsity[name]["pattern"] for name in to_pack}
-        packed_entry = _write_nm_packed(to_pack, patterns, tmp / SPARSE_FILE)
+    sparsity, packed_entry = write_sparse(tmp, weight_files, sparse_format)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(tmp)
     elif tokenizer is not None:
@@ -402,7 +301,7 @@ def _write_export(
                 f"the serialiser wrote '{name}', which is not a plain file; compressx exports only files"
             )
         if path.is_file():
-            problem = _file_entry_problem(name)
+            problem = file_entry_problem(name)
             if problem:
                 raise ExportError(f"the serialiser wrote {problem}")
             files[name] = _sha256(path)
@@ -494,17 +393,6 @@ def _is_export(directory: Path) -> bool:
     return True
 
 
-def _unlisted_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files (and links) under ``directory`` that its manifest does not list, the manifest itself aside."""
-    listed = set(manifest["files"]) | {MANIFEST}
-    found = []
-    for root, dirs, names in os.walk(directory):
-        rel = Path(root).relative_to(directory)
-        found += [(rel / n).as_posix() for n in names]
-        found += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
-    return sorted(name for name in found if name not in listed)
-
-
 def overwrite_problem(target: str | os.PathLike) -> str | None:
     """Why ``target`` may not be replaced by a new export; None when it is absent, an empty directory, or a
     compressx export holding only the files its manifest lists. Used by ``save`` and by the recipe checks."""
@@ -524,7 +412,7 @@ def overwrite_problem(target: str | os.PathLike) -> str | None:
     except ExportError as err:
         return f"{refuse} {err}; {keep}"
     try:
-        unlisted = _unlisted_files(target, manifest)
+        unlisted = unlisted_files(target, manifest)
     except OSError as err:
         return f"{refuse} {target} cannot be listed ({err}); {keep}"
     if unlisted:
@@ -545,179 +433,6 @@ def _set_permissions(directory: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-# The manifest's shape. A dict schema lists required keys ("?key": optional); {str: X} maps any key to X;
-# [X] is a list of X; a tuple is a union; NUMBER is an int or float (never a bool, nor a bool an int).
-NUMBER = "number"
-_STEP = {"pass": str, "kind": str, "config": dict, "?config_version": int, "targets": [str], "report": dict}
-_REAPPLY = {"pass": str, "config": dict, "?config_version": int, "?targets": (type(None), [str])}
-MANIFEST_SCHEMA: dict[Any, Any] = {
-    "format_version": int,
-    "versions": {str: str},
-    "?created": str,
-    "model": {
-        "format": str,
-        "class": str,
-        "?tokenizer": str,
-        "?dtype": str,
-        "?architecture": str,
-        "?kwargs": dict,
-        "?member": str,
-    },
-    "?source": (type(None), dict),
-    "steps": [_STEP],
-    "?reapply": [_REAPPLY],
-    "?eval": {str: {str: NUMBER}},
-    "?sparsity": {str: {"sparsity": NUMBER, "pattern": str}},
-    "?sparse_format": {
-        "format": str,
-        "file": str,
-        "bytes": int,
-        "dense_bytes": int,
-        "?ratio": (type(None), NUMBER),
-        "?tensors": int,
-    },
-    "files": {str: str},
-}
-# The files an export may hold: safetensors weights, JSON, text (tokenizers, card, recipe); never a pickle.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".yaml", ".model", ".jinja", ".tiktoken")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _schema_problems(value: Any, schema: Any, where: str) -> list[str]:
-    if isinstance(schema, tuple):
-        tried = [_schema_problems(value, option, where) for option in schema]
-        return [] if any(not t for t in tried) else tried[-1]
-    if isinstance(schema, list):
-        if not isinstance(value, list):
-            return [f"{where} must be a list, not {type(value).__name__}"]
-        return [p for i, item in enumerate(value) for p in _schema_problems(item, schema[0], f"{where}[{i}]")]
-    if isinstance(schema, dict):
-        if not isinstance(value, dict):
-            return [f"{where} must be an object, not {type(value).__name__}"]
-        if str in schema:
-            return [p for k, v in value.items() for p in _schema_problems(v, schema[str], f"{where}.{k}")]
-        problems = []
-        for key, sub in schema.items():
-            name = key.removeprefix("?")
-            if name in value:
-                problems += _schema_problems(value[name], sub, f"{where}.{name}" if where else name)
-            elif not key.startswith("?"):
-                problems.append(f"{where + '.' if where else ''}{name} is missing")
-        return problems
-    if schema == NUMBER:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return [] if ok else [f"{where} must be a number, not {type(value).__name__}"]
-    ok = isinstance(value, schema) and (schema is bool or not isinstance(value, bool))
-    return (
-        []
-        if ok
-        else [f"{where} must be {'null' if schema is type(None) else schema.__name__}, not {type(value).__name__}"]
-    )
-
-
-def _file_entry_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a file entry of an export: only relative paths inside it, no pickle formats."""
-    parts = name.split("/")
-    if not name or "\\" in name or "\0" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        return (
-            f"'{name}', which is not a plain relative path inside the export (no '..', '.', '//', '\\' or leading '/')"
-        )
-    if name == MANIFEST:
-        return f"'{name}', which is the manifest itself"
-    if not name.endswith(ALLOWED_SUFFIXES):
-        return f"'{name}', which is not a safetensors, JSON or text file (allowed: {', '.join(ALLOWED_SUFFIXES)})"
-    return None
-
-
-def validate_manifest(manifest: Any, source: str) -> dict[str, Any]:
-    """Check a parsed manifest's version and shape (``MANIFEST_SCHEMA``) and its file entries; one ExportError
-    naming the problems. ``load``, ``show`` and ``verify`` all read manifests through this."""
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if type(version) is not int or version != FORMAT_VERSION:  # True == 1 and 1.0 == 1 in Python: not here
-        raise ExportError(
-            f"{source}: unknown format_version {version!r}; this compressx reads version {FORMAT_VERSION}"
-        )
-    problems = _schema_problems(manifest, MANIFEST_SCHEMA, "")
-    if not problems:
-        for name, digest in manifest["files"].items():
-            problem = _file_entry_problem(name)
-            if problem:
-                problems.append(f"files lists {problem}")
-            elif not _SHA256.fullmatch(digest):
-                problems.append(f"files.{name} is not a SHA-256 (64 lowercase hex digits)")
-        packed = manifest.get("sparse_format")
-        if packed and packed["file"] not in manifest["files"]:
-            problems.append(f"the packed file {packed['file']!r} has no hash in files")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ExportError(f"{source} is malformed: {shown}")
-    return manifest
-
-
-def manifest_digest(directory: str | os.PathLike) -> str:
-    """The SHA-256 of an export's ``compressx.json``: what ``compressx verify DIR --expect`` compares."""
-    return _sha256(Path(directory) / MANIFEST)
-
-
-def read_manifest(directory: str | os.PathLike, *, expect: str | None = None) -> dict[str, Any]:
-    """The manifest of an export, validated (``validate_manifest``). With ``expect``, its SHA-256 must be that."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{directory} is not a compressx export: {MANIFEST} is missing")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ExportError(f"{path} is unreadable: {err}") from err
-    if expect is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expect.strip().lower():
-            raise ExportError(
-                f"{path} has SHA-256 {actual}, not the expected {expect.strip()}: this is not the export you were "
-                "given (or it was changed since)"
-            )
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        kind = "too deeply nested" if isinstance(err, RecursionError) else str(err)
-        raise ExportError(f"{path} is unreadable: not a UTF-8 JSON document ({kind})") from None
-    return validate_manifest(manifest, str(path))
-
-
-def _inside(directory: Path, name: str) -> Path:
-    """``directory / name``, refused when it resolves (through links) outside ``directory``."""
-    root = directory.resolve()
-    path = (directory / name).resolve()
-    if not path.is_relative_to(root):
-        raise ExportError(f"{directory}: file '{name}' listed in {MANIFEST} leads outside the export (to {path})")
-    return path
-
-
-def verify(
-    directory: str | os.PathLike, manifest: dict[str, Any] | None = None, *, expect: str | None = None
-) -> dict[str, Any]:
-    """Check that every file the manifest lists lies inside the export, exists and has its recorded SHA-256;
-    return the manifest. Every path is checked before any file is read."""
-    directory = Path(directory)
-    manifest = manifest or read_manifest(directory, expect=expect)
-    paths = {name: _inside(directory, name) for name in manifest["files"]}
-    for name, path in paths.items():
-        if not path.is_file():
-            raise ExportError(f"{directory}: file '{name}' listed in {MANIFEST} is missing")
-    for name, path in paths.items():
-        actual = _sha256(path)
-        expected = manifest["files"][name]
-        if actual != expected:
-            raise ExportError(
-                f"{directory}: file '{name}' is corrupt (SHA-256 {actual[:12]}…, expected {expected[:12]}…)"
-            )
-    return manifest
-
-
-def unlisted_files(directory: str | os.PathLike) -> list[str]:
-    """The files under an export that its manifest does not list (``load`` never reads them)."""
-    return _unlisted_files(Path(directory), read_manifest(directory))
-
-
 @contextlib.contextmanager
 def _verified_view(directory: Path, manifest: dict[str, Any]) -> Iterator[Path]:
     """A temporary directory holding links to the files the manifest lists, and nothing else: what the libraries'
@@ -726,7 +441,7 @@ def _verified_view(directory: Path, manifest: dict[str, Any]) -> Iterator[Path]:
         for name in manifest["files"]:
             link = Path(view) / name
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(_inside(directory, name), link)
+            os.symlink(inside_export(directory, name), link)
         yield Path(view)
 
 
@@ -811,10 +526,6 @@ def load(
         expect: the SHA-256 of ``compressx.json`` you obtained separately (printed at export time): the export is
             refused unless its manifest has exactly that digest.
     """
-    from safetensors import SafetensorError
-
-    from compressx.api import apply
-
     directory = Path(directory)
     manifest = verify(directory, read_manifest(directory, expect=expect))
     for entry in manifest.get("reapply", []):
@@ -850,8 +561,6 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
     sizes, index range, distinct positions). Every file's hash is verified first.
     Returns only the tensors listed in the manifest's ``sparsity`` record, keyed by their state-dict names.
     """
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     entry = manifest.get("sparse_format")
@@ -865,33 +574,9 @@ def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tens
             f"{directory}: unknown sparse_format {entry.get('format')!r}; this compressx reads bitmask and nm"
         )
     verify(directory, manifest)
-    path = _inside(directory, entry["file"])
+    path = inside_export(directory, entry["file"])
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            packed = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        if entry["format"] == "nm":
-            layout = json.loads(metadata["layout"])
-            return {
-                name: unpack_nm(
-                    packed[f"{name}.values"],
-                    packed[f"{name}.indices"],
-                    tuple(item["shape"]),
-                    *(int(x) for x in item["pattern"].split(":")),
-                )
-                for name, item in layout.items()
-            }
-        shapes = json.loads(metadata["shapes"])
-        return {
-            name: unpack_bitmask(
-                packed[f"{name}.values"],
-                packed[f"{name}.bitmask"],
-                tuple(shape),
-                packed[f"{name}.values"].dtype,
-                packed.get(f"{name}.zero_signs"),
-            )
-            for name, shape in shapes.items()
-        }
+        return read_packed(path, entry["format"])
     except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
         raise ExportError(f"{path} is not a readable {entry['format']}-packed file: {err!r}") from err
 

@@ -199,7 +199,7 @@ def _base_entry(model: nn.Module, directory: Path, source: dict[str, Any] | None
     if isinstance(model, PreTrainedModel):
         model.config.save_pretrained(directory)
         return {"format": "transformers", "class": type(model).__name__}
-    from compressx.export import write_module_entry
+    from compressx.manifest import write_module_entry
 
     return write_module_entry(model, directory, source)
 

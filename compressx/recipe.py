@@ -17,9 +17,9 @@ built-in trainer (``compressx.trainer``) between preparing the model and finalis
 
 Every block is validated strictly: an unknown key anywhere is an error naming the file, the path
 (``steps[1].config.sparsty``), the allowed keys and the closest match. Problems are collected, not stopped at the
-first, so one ``compressx validate`` run lists them all. ``check_recipe`` adds the checks that need the model:
-targets resolved against the architecture built on the meta device (no weights, no data read, no code shipped
-with the model run).
+first, so one ``compressx validate`` run lists them all. ``compressx.runner.check_recipe`` adds the checks that
+need the model: targets resolved against the architecture built on the meta device (no weights, no data read, no
+code shipped with the model run). A step is parsed by the engine's ``parse_step`` (``compressx.engine``).
 
 A recipe file is read only when it is small UTF-8 YAML of a sane shape (``MAX_RECIPE_BYTES``, ``MAX_YAML_VALUES``
 with aliases expanded, ``MAX_YAML_DEPTH``), checked on the parser's event stream before any tree is built.
@@ -34,45 +34,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException, UnsupportedInterpolationType
 
 from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
-from compressx.config import PassConfig
 from compressx.data import DataSpec, parse_calibration_spec
-from compressx.errors import CompressxError, ConfigError, RecipeError, TargetError, unknown_key_message
-from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
+from compressx.engine import StepSpec, parse_step
+from compressx.errors import CompressxError, ConfigError, RecipeError, unknown_key_message
+from compressx.evaluate import EvalSpec, parse_eval_spec
 from compressx.images import ImageDataSpec
-from compressx.models import ModelSpec, build_model, parse_model_spec
-from compressx.registry import PassSpec, get_pass
-from compressx.targets import select_step_targets, unsupported_problems
+from compressx.models import ModelSpec, parse_model_spec
+from compressx.registry import get_pass
 from compressx.trainer import TrainSpec, parse_train_spec
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
-STEP_KEYS = ("pass", "targets", "ignore", "config")
 EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
 DATA_KEYS = ("calibration",)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """One step: a pass, its config, and the modules it applies to."""
-
-    pass_name: str
-    config: PassConfig
-    targets: tuple[str, ...] | None = None
-    ignore: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pass": self.pass_name}
-        if self.targets is not None:
-            out["targets"] = list(self.targets)
-        if self.ignore:
-            out["ignore"] = list(self.ignore)
-        out["config"] = self.config.to_dict()
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,54 +90,6 @@ class Recipe:
         if self.checkpoint:
             out["checkpoint"] = {"dir": self.checkpoint.dir}
         return out
-
-
-def _string_list(value: Any, path: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"got {value!r}; expected a list of patterns (strings)", path=path)
-    return tuple(value)
-
-
-def check_targets_not_empty(targets: Sequence[str] | None, spec: PassSpec, path: str) -> None:
-    """An empty ``targets`` list is an error: it would select nothing (or, read as "unset", the whole model)."""
-    if targets is not None and len(targets) == 0:
-        default = ", ".join(spec.default_targets) if spec.default_targets else "the whole model"
-        raise ConfigError(
-            f"an empty list selects nothing; omit the key for the pass's default targets ({default})",
-            path=f"{path}.targets",
-        )
-
-
-def parse_step(block: Any, path: str) -> StepSpec:
-    """Validate one step mapping; ``ConfigError.path`` is relative to the recipe root."""
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping with a 'pass' key, got {block!r}", path=path)
-    for key in block:
-        if key not in STEP_KEYS:
-            raise ConfigError(unknown_key_message(str(key), STEP_KEYS), path=f"{path}.{key}")
-    if "pass" not in block:
-        raise ConfigError("a step needs 'pass: <name>' (see `compressx list`)", path=f"{path}.pass")
-    if not isinstance(block["pass"], str):
-        raise ConfigError(f"got {block['pass']!r}; expected a pass name (see `compressx list`)", path=f"{path}.pass")
-    try:
-        spec = get_pass(block["pass"])
-    except CompressxError as err:
-        raise ConfigError(str(err), path=f"{path}.pass") from err
-    config_block = block.get("config") or {}
-    if not isinstance(config_block, dict):
-        raise ConfigError(f"expected a mapping, got {config_block!r}", path=f"{path}.config")
-    try:
-        config = spec.config.from_dict(config_block)
-    except ConfigError as err:
-        raise err.under(f"{path}.config") from err
-    targets = _string_list(block["targets"], f"{path}.targets") if block.get("targets") is not None else None
-    check_targets_not_empty(targets, spec, path)
-    ignore = _string_list(block["ignore"], f"{path}.ignore") if block.get("ignore") is not None else ()
-    if (targets is not None or ignore) and not spec.takes_targets:
-        raise ConfigError(f"pass '{spec.name}' acts on the whole model and takes no targets/ignore", path=path)
-    return StepSpec(pass_name=spec.name, config=config, targets=targets, ignore=ignore)
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
@@ -238,7 +168,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                     problems.append(f"export.{key}: {unknown_key_message(str(key), EXPORT_KEYS)}")
             if not isinstance(raw_export.get("overwrite", False), bool):
                 problems.append("export.overwrite: expected true or false")
-            from compressx.export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
+            from compressx.sparse_export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
 
             sparse_format = raw_export.get("sparse_format", "none")
             if not isinstance(sparse_format, str) or sparse_format not in SPARSE_FORMATS:
@@ -464,117 +394,3 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
         where = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
         raise RecipeError([f"{where}cannot resolve: {_omegaconf_message(err)}"], source) from err
     return parse_recipe(raw, source)
-
-
-def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | None:
-    """A problem with the export directory, found before any work is done; None when it is fine."""
-    from compressx.export import overwrite_problem, recover_leftovers
-
-    target = Path(export.dir)
-    recover_leftovers(target)  # a killed run's old export is put back before it is judged
-    if os.path.lexists(target):
-        if not (overwrite or export.overwrite):
-            return f"export.dir: {target} exists; pass --overwrite (or export.overwrite: true) to replace it"
-        problem = overwrite_problem(target)  # the same rule save() applies: only a compressx export is replaced
-        if problem:
-            return f"export.dir: {problem}"
-    parent = target.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"export.dir: cannot create {target}: {parent} is a file, not a directory"
-    if not os.access(parent, os.W_OK):
-        return f"export.dir: cannot write under {parent}"
-    return None
-
-
-def check_steps_on_model(model: Any, steps: Sequence[tuple[StepSpec, PassSpec]]) -> list[str]:
-    """Resolve every step's targets on ``model`` (a meta model will do) and run the passes' model and shape checks.
-
-    ``model`` is an ``nn.Module``, or, for pipeline passes, a pipeline or its ``model_index.json`` mapping.
-    """
-    problems = []
-    for i, (step, spec) in enumerate(steps):
-        if spec.check_model:
-            problems += [f"steps[{i}]: {p}" for p in spec.check_model(model, step.config)]
-        if not spec.takes_targets or not isinstance(model, nn.Module):
-            continue
-        targets = step.targets or None
-        try:
-            chosen = select_step_targets(
-                model, targets, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
-            )
-        except TargetError as err:
-            problems.append(str(err))
-            continue
-        unsupported = unsupported_problems(
-            model, chosen, targets, step.ignore, spec.target_types, spec.name, spec.default_targets
-        )
-        problems += [f"steps[{i}]: {p}" for p in unsupported]
-        if spec.check:
-            problems += [f"steps[{i}]: {p}" for p in spec.check(chosen, step.config)]
-    return problems
-
-
-def check_families(family: str, steps: Sequence[StepSpec]) -> list[str]:
-    """A problem per step whose pass does not declare the model's family (``any``: a model compressx cannot place)."""
-    problems = []
-    for i, step in enumerate(steps):
-        families = get_pass(step.pass_name).families
-        if family not in families:
-            problems.append(
-                f"steps[{i}]: pass '{step.pass_name}' applies to {', '.join(families)} models; this model is {family}"
-            )
-    return problems
-
-
-def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool = False) -> None:
-    """Checks that need the model (built on the meta device): targets, shapes, metrics, calibration, export.
-
-    Python code shipped with a model (``trust_remote_code``) runs only with ``run_model_code=True``, as
-    ``compressx apply`` passes (it runs that code when it builds the model anyway); ``validate`` never runs it.
-    """
-    problems = []
-    if recipe.export:
-        problem = check_export_target(recipe.export, overwrite)
-        if problem:
-            problems.append(problem)
-    problems += check_checkpoint_dirs(recipe)
-    if recipe.model is None:
-        problems.append("model: a recipe run from the CLI needs a model block")
-        raise RecipeError(problems, recipe.source)
-    try:
-        loaded = build_model(recipe.model, meta=True, run_model_code=run_model_code)
-    except CompressxError as err:
-        if recipe.model.kwargs.get("trust_remote_code") and not run_model_code:
-            problems.append(
-                "model.kwargs.trust_remote_code: validate never runs Python code shipped with a model, and this "
-                "architecture is defined by such code; `compressx apply` runs it and checks the steps then"
-            )
-        else:
-            problems.append(f"model: {err}")
-        raise RecipeError(problems, recipe.source) from err
-    family_problems = check_families(loaded.family, recipe.steps)
-    problems += family_problems
-    if not isinstance(loaded.model, nn.Module):
-        problems += [
-            f"steps[{i}]: pass '{s.pass_name}' changes torch modules; a {recipe.model.source} pipeline is not one"
-            for i, s in enumerate(recipe.steps)
-            if get_pass(s.pass_name).kind != "pipeline"
-        ]
-    # A step on the wrong family would only add its own version of the same refusal: keep the family problem.
-    wrong_family = tuple(p.split(":", 1)[0] for p in family_problems)  # "steps[i]"
-    problems += [
-        p
-        for p in check_steps_on_model(loaded.model, [(s, get_pass(s.pass_name)) for s in recipe.steps])
-        if not p.startswith(tuple(f"{w}{sep}" for w in wrong_family for sep in ":."))
-    ]
-    for i, step in enumerate(recipe.steps):
-        if "calibration" in get_pass(step.pass_name).needs and recipe.calibration is None:
-            problems.append(f"steps[{i}]: pass '{step.pass_name}' needs calibration data: add data.calibration")
-    for i, spec in enumerate(recipe.eval):
-        problem = check_metric_applies(spec, loaded.family)
-        if problem:
-            problems.append(f"eval[{i}]: {problem}")
-    if problems:
-        raise RecipeError(problems, recipe.source)

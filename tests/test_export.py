@@ -11,6 +11,7 @@ from compressx import export as export_mod
 from compressx.config import PassConfig
 from compressx.errors import ExportError
 from compressx.registry import PassResult, register_pass
+from compressx.sparse_export import sparsity_entry
 
 PRUNE = [{"pass": "magnitude", "config": {"sparsity": 0.5}, "ignore": ["lm_head"]}]
 
@@ -285,19 +286,19 @@ def test_sparsity_entry_names_the_tightest_exact_pattern(keep, pattern):
     weight = torch.randn(4, 16).abs() + 1
     weight *= torch.tensor(keep * (16 // len(keep)), dtype=torch.float32)
     expected_sparsity = round(1 - sum(keep) / len(keep), 6)
-    assert export_mod.sparsity_entry(weight) == {"sparsity": expected_sparsity, "pattern": pattern}
+    assert sparsity_entry(weight) == {"sparsity": expected_sparsity, "pattern": pattern}
 
 
 def test_sparsity_entry_extra_zeros_and_convs():
     weight = torch.randn(4, 16).abs() + 1
     weight *= torch.tensor([1, 0, 1, 0] * 4)
     weight[0, 0] = 0  # 2:4 still holds, but the sparsity is no longer exactly 1/2
-    assert export_mod.sparsity_entry(weight) == {"sparsity": round(33 / 64, 6), "pattern": "unstructured"}
+    assert sparsity_entry(weight) == {"sparsity": round(33 / 64, 6), "pattern": "unstructured"}
     # convs: blocks run along input channels (OHWI), so a 2:4 mask over dim 1 reads as 2:4
     conv = torch.randn(2, 8, 3, 3).abs() + 1
     conv *= torch.tensor([1, 0, 0, 1] * 2).view(1, 8, 1, 1)
-    assert export_mod.sparsity_entry(conv) == {"sparsity": 0.5, "pattern": "2:4"}
-    assert export_mod.sparsity_entry(conv.transpose(1, 2)) == {"sparsity": 0.5, "pattern": "unstructured"}
+    assert sparsity_entry(conv) == {"sparsity": 0.5, "pattern": "2:4"}
+    assert sparsity_entry(conv.transpose(1, 2)) == {"sparsity": 0.5, "pattern": "unstructured"}
 
 
 def test_plain_module_bitmask_round_trip(tiny_cnn, tmp_path):

@@ -20,8 +20,10 @@ import torch
 import compressx
 from compressx import cli
 from compressx import export as export_mod
+from compressx import manifest as manifest_mod
 from compressx.errors import ExportError
-from compressx.recipe import check_export_target, parse_recipe
+from compressx.recipe import parse_recipe
+from compressx.runner import check_export_target
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLED = str(ROOT / "tests" / "scripts" / "export_killed.py")
@@ -347,7 +349,7 @@ def test_a_link_leaving_the_export_is_refused_before_reading(tmp_path, monkeypat
     (Path(out) / "extra.json").symlink_to(tmp_path / "secret.json")
     _edit_manifest(out, lambda m: m["files"].update({"extra.json": _sha(tmp_path / "secret.json")}))
     read = []
-    monkeypatch.setattr(export_mod, "_sha256", lambda path: read.append(path) or "0" * 64)
+    monkeypatch.setattr(manifest_mod, "_sha256", lambda path: read.append(path) or "0" * 64)
     with pytest.raises(ExportError, match="file 'extra.json' listed in compressx.json leads outside the export"):
         compressx.load(out, model=torch.nn.Linear(8, 8))
     assert read == []  # refused before any file was read

@@ -11,7 +11,8 @@ import torch
 import compressx
 from compressx.errors import CompressxError, ConfigError
 from compressx.models import ModelSpec, build_model, parse_model_spec
-from compressx.recipe import RecipeError, check_recipe, parse_recipe
+from compressx.recipe import RecipeError, parse_recipe
+from compressx.runner import check_recipe
 
 
 def write_gguf(path, architecture):

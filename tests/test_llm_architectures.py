@@ -6,7 +6,8 @@ import transformers
 
 import compressx
 from compressx.ops.sparsity import is_nm_sparse
-from compressx.recipe import check_recipe, parse_recipe
+from compressx.recipe import parse_recipe
+from compressx.runner import check_recipe
 
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 64, "num_key_value_heads": 2}),

@@ -11,7 +11,8 @@ import compressx
 from compressx.errors import CompressxError, RecipeError
 from compressx.export import load_tokenizer
 from compressx.models import build_model, parse_model_spec
-from compressx.recipe import check_recipe, parse_recipe
+from compressx.recipe import parse_recipe
+from compressx.runner import check_recipe
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from compressx.recipe import check_recipe, load_recipe
+from compressx.recipe import load_recipe
+from compressx.runner import check_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 OFFLINE = [p for p in RECIPES if "Not validated offline" not in p.read_text()]

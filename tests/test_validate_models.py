@@ -11,7 +11,8 @@ import transformers
 
 from compressx.cli import main
 from compressx.errors import RecipeError
-from compressx.recipe import check_recipe, parse_recipe
+from compressx.recipe import parse_recipe
+from compressx.runner import check_recipe
 
 CALIBRATION = {"calibration": {"source": "stdlib_text", "split": "train", "samples": 2, "seq_len": 16}}
 PERPLEXITY = {"metric": "perplexity", "data": {"source": "stdlib_text", "split": "test", "samples": 2, "seq_len": 16}}

@@ -42,8 +42,7 @@ def test_validate_refuses_a_model_without_a_supported_vit(pass_name):
     any calibration (here a timm ViT whose blocks use a non-standard attention module)."""
     import timm
 
-    from compressx.api import _as_step
-    from compressx.recipe import check_steps_on_model
+    from compressx.engine import _as_step, check_steps_on_model
 
     with torch.device("meta"):
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=1)

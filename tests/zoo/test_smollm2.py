@@ -50,7 +50,8 @@ def test_missing_gguf_package_names_the_extra(monkeypatch):
 def test_validate_without_the_wheel_is_one_error_with_the_install_command(monkeypatch):
     import importlib.metadata
 
-    from compressx.recipe import RecipeError, check_recipe, parse_recipe
+    from compressx.recipe import RecipeError, parse_recipe
+    from compressx.runner import check_recipe
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

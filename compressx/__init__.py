@@ -21,7 +21,7 @@ from compressx.engine import ApplyResult, StepResult, StepSpec, apply, prepare
 from compressx.errors import CompressxError, ConfigError, ExportError, RecipeError, RegistryError, TargetError
 from compressx.export import load, save
 from compressx.manifest import read_manifest
-from compressx.registry import PassContext, PassResult, PassSpec, get_pass, list_passes, register_pass
+from compressx.registry import Need, PassContext, PassResult, PassSpec, get_pass, list_passes, register_pass
 
 if TYPE_CHECKING:
     from compressx.recipe import Recipe, load_recipe
@@ -32,6 +32,7 @@ __all__ = [
     "CompressxError",
     "ConfigError",
     "ExportError",
+    "Need",
     "PassConfig",
     "PassContext",
     "PassResult",

@@ -285,15 +285,16 @@ def apply(
         An ``ApplyResult`` with one ``StepResult`` (report, handle) per step.
     """
     parsed = [_as_step(step, i) for i, step in enumerate(steps)]
+    needs = [spec.needs_for(step.config) for step, spec in parsed]
     problems = check_steps_on_model(model, parsed)
     problems += [
         f"steps[{i}]: pass '{spec.name}' needs calibration data: pass data=..."
         for i, (_, spec) in enumerate(parsed)
-        if "calibration" in spec.needs and data is None
+        if "calibration" in needs[i] and data is None
     ]
     if problems:
         raise RecipeError(problems, "<steps>")
-    if data is not None and any("calibration" in spec.needs for _, spec in parsed):
+    if data is not None and any("calibration" in step_needs for step_needs in needs):
         problem = check_calibration(model, data)
         if problem:
             raise DataError(f"data: {problem}")
@@ -306,7 +307,7 @@ def apply(
             ).items()
         }
         for i, (step, spec) in enumerate(parsed)
-        if getattr(step.config, "needs_original_weights", False)
+        if "original_weights" in needs[i]
     }
     results = []
     for i, (step, spec) in enumerate(tqdm(parsed, desc="compressx steps", disable=not progress or len(parsed) < 2)):

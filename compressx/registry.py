@@ -31,6 +31,8 @@ from compressx.errors import RegistryError, unknown_name_message
 
 PassKind = Literal["weights", "training", "runtime", "pipeline"]
 PASS_KINDS: tuple[str, ...] = ("weights", "training", "runtime", "pipeline")
+# What a pass may declare it needs (``register_pass(needs=...)``); the engine provides each in the PassContext.
+NEEDS: tuple[str, ...] = ("calibration", "original_weights")
 ENTRY_POINT_GROUP = "compressx.passes"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _SPEC_ATTR = "__compressx_pass__"
@@ -44,8 +46,8 @@ class PassContext:
     pass's ``target_types``; it is empty for passes that act on the whole model. ``calibration`` holds the
     step's calibration data (a ``[samples, seq_len]`` token tensor for text) when the pass ``needs`` it.
     ``original_weights`` maps each target's name to a CPU copy of its weight taken before the first step of the
-    ``apply`` call ran — only for a step whose config has ``needs_original_weights = True`` (e.g. DSnoT refining
-    the mask an earlier step left, which needs the dense values back).
+    ``apply`` call ran — only for a step whose pass needs ``"original_weights"`` with its config (e.g. DSnoT
+    refining the mask an earlier step left, which needs the dense values back).
     ``checkpoint``, when the run keeps checkpoints, is where a layer-by-layer pass saves each pruned layer and
     resumes from (``compressx.layerwise.prune_layer_by_layer``).
     ``evaluate``, when the caller has an evaluation set (a recipe's ``eval:`` block), measures a model and returns
@@ -66,9 +68,10 @@ class PassResult:
     """What a pass returns.
 
     ``report`` is JSON-ready (it goes into ``compressx.json``): what the pass decided and measured.
-    ``handle`` is set by runtime passes (an object with ``remove()``) and training passes (``on_step``,
-    ``finalize``, ``remove``). ``reapply_config`` is the config a runtime pass is re-applied with on load, when
-    it differs from the one given (e.g. a layer chosen by calibration, now fixed).
+    ``handle`` is set by runtime passes (an object with ``remove()``) and training passes (a
+    ``compressx.training.TrainingHandle``: ``on_epoch_start``, ``finalize``, ``remove``, ``state_dict``).
+    ``reapply_config`` is the config a runtime or pipeline pass is re-applied with on load, when it differs from
+    the one given (e.g. a layer chosen by calibration, now fixed).
     """
 
     report: dict[str, Any]
@@ -89,6 +92,14 @@ def summarize_report(report: dict[str, Any]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Need:
+    """A need that holds for some configs only: ``Need("original_weights", when=lambda config: ...)``."""
+
+    name: str
+    when: Callable[[Any], bool]
+
+
+@dataclasses.dataclass(frozen=True)
 class PassSpec:
     """A registered pass: its function, config class and what it declares about itself."""
 
@@ -104,10 +115,16 @@ class PassSpec:
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None
     check_model: Callable[[Any, PassConfig], list[str]] | None = None
     origin: str = ""
+    needs_when: tuple[tuple[str, Callable[[Any], bool]], ...] = ()  # the conditional ones among ``needs``
 
     @property
     def takes_targets(self) -> bool:
         return self.target_types is not None
+
+    def needs_for(self, config: PassConfig) -> tuple[str, ...]:
+        """What the pass needs with ``config``: its declared needs, a conditional one only where it holds."""
+        conditions = dict(self.needs_when)
+        return tuple(need for need in self.needs if need not in conditions or conditions[need](config))
 
 
 def register_pass(
@@ -118,7 +135,7 @@ def register_pass(
     paper: str,
     families: Iterable[str],
     target_types: Iterable[type[nn.Module]] | None = None,
-    needs: Iterable[str] = (),
+    needs: Iterable[str | Need] = (),
     default_targets: Iterable[str] | None = None,
     check: Callable[[dict[str, nn.Module], PassConfig], list[str]] | None = None,
     check_model: Callable[[Any, PassConfig], list[str]] | None = None,
@@ -134,7 +151,9 @@ def register_pass(
             and checked by ``compressx validate`` against the model's family (``"any"``: models of no known family).
         target_types: module classes the pass changes; ``targets`` in a recipe select among them. ``None`` for a
             pass that acts on the whole model and takes no targets.
-        needs: inputs the pass requires, e.g. ``("calibration",)``.
+        needs: what the engine must give the pass, from ``NEEDS``: ``"calibration"`` (``ctx.calibration``; a step
+            without data is refused) and ``"original_weights"`` (``ctx.original_weights``; a pass with targets
+            only). ``Need(name, when=fn)`` declares one that holds only where ``fn(config)`` is true.
         default_targets: target patterns used when a step gives none (a causal LM's decoder layers take
             precedence; without either: the whole model). See ``compressx.targets.default_targets``.
         check: optional ``check(targets, config) -> [problem, ...]`` run by ``compressx validate`` on the meta
@@ -152,9 +171,12 @@ def register_pass(
     own_params = config.__dict__.get("__dataclass_params__")  # absent when the subclass was not decorated itself
     if own_params is None or not own_params.frozen:
         raise RegistryError(f"pass '{name}': decorate {config.__name__} with @dataclasses.dataclass(frozen=True)")
-    unknown_needs = set(needs) - {"calibration"}
-    if unknown_needs:
-        raise RegistryError(f"pass '{name}': unknown needs {sorted(unknown_needs)}; allowed: calibration")
+    need_names, needs_when = _check_needs(name, needs, target_types is not None)
+    if hasattr(config, "needs_original_weights"):  # the attribute compressx once read: declared now, never guessed
+        raise RegistryError(
+            f"pass '{name}': {config.__name__}.needs_original_weights is not read; declare "
+            "register_pass(needs=(..., Need('original_weights', when=...))) instead"
+        )
 
     def mark(fn: Callable) -> Callable:
         params = list(inspect.signature(fn).parameters.values())
@@ -171,7 +193,8 @@ def register_pass(
             paper=paper,
             families=tuple(families),
             target_types=None if target_types is None else tuple(target_types),
-            needs=tuple(needs),
+            needs=need_names,
+            needs_when=needs_when,
             default_targets=None if default_targets is None else tuple(default_targets),
             check=check,
             check_model=check_model,
@@ -181,6 +204,32 @@ def register_pass(
         return fn
 
     return mark
+
+
+def _check_needs(
+    name: str, needs: Iterable[str | Need], takes_targets: bool
+) -> tuple[tuple[str, ...], tuple[tuple[str, Callable[[Any], bool]], ...]]:
+    """``register_pass``'s ``needs``, validated: the names in order and the conditions of the conditional ones."""
+    if isinstance(needs, str | Need):
+        raise RegistryError(f"pass '{name}': needs is a tuple, e.g. needs=({needs!r},)")
+    names, conditions = [], []
+    for need in needs:
+        need_name = need.name if isinstance(need, Need) else need
+        if not isinstance(need_name, str) or need_name not in NEEDS:
+            raise RegistryError(f"pass '{name}': unknown needs [{need_name!r}]; allowed: {', '.join(NEEDS)}")
+        if need_name in names:
+            raise RegistryError(f"pass '{name}': need {need_name!r} declared twice")
+        if isinstance(need, Need):
+            if not callable(need.when):
+                raise RegistryError(f"pass '{name}': Need({need_name!r}, when=...) takes a function of the config")
+            conditions.append((need_name, need.when))
+        names.append(need_name)
+    if "original_weights" in names and not takes_targets:
+        raise RegistryError(
+            f"pass '{name}': original_weights are the weights of the step's targets; a pass without target_types "
+            "has none"
+        )
+    return tuple(names), tuple(conditions)
 
 
 def spec_of(obj: Any) -> PassSpec | None:

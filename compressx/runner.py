@@ -221,7 +221,7 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         if not p.startswith(tuple(f"{w}{sep}" for w in wrong_family for sep in ":."))
     ]
     for i, step in enumerate(recipe.steps):
-        if "calibration" in get_pass(step.pass_name).needs and recipe.calibration is None:
+        if "calibration" in get_pass(step.pass_name).needs_for(step.config) and recipe.calibration is None:
             problems.append(f"steps[{i}]: pass '{step.pass_name}' needs calibration data: add data.calibration")
     for i, spec in enumerate(recipe.eval):
         problem = check_metric_applies(spec, loaded.family)

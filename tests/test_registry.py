@@ -6,12 +6,21 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import torch.nn as nn
 
 import compressx
 from compressx.config import PassConfig
 from compressx.errors import RegistryError
-from compressx.registry import PassResult, build_registry, get_pass, list_passes, register_pass, summarize_report
+from compressx.registry import (
+    Need,
+    PassResult,
+    build_registry,
+    get_pass,
+    list_passes,
+    register_pass,
+    summarize_report,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +186,60 @@ def test_the_report_line_names_the_modules_left_out_and_why(tiny_cnn):
     assert "modules=2" in line
     assert "dense_modules={stem: stem (skip_stem), head: classifier (skip_classifier)}" in line
     assert summarize_report({"sparsity": 0.5, "flops": {"ratio": 0.4}, "per_module": [1]}) == "sparsity=0.5"
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig(PassConfig):
+    previous: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OldStyleConfig(RefineConfig):
+    @property
+    def needs_original_weights(self) -> bool:  # the attribute compressx read before needs= declared it
+        return True
+
+
+def test_needs_are_validated_strictly():
+    with pytest.raises(RegistryError, match=r"unknown needs \['gpu'\]; allowed: calibration, original_weights"):
+        _mark(needs=("gpu",))
+    with pytest.raises(RegistryError, match="need 'calibration' declared twice"):
+        _mark(needs=("calibration", "calibration"))
+    with pytest.raises(RegistryError, match=r"needs is a tuple, e.g. needs=\('calibration',\)"):
+        _mark(needs="calibration")
+    with pytest.raises(RegistryError, match="takes a function of the config"):
+        _mark(needs=(Need("original_weights", when=True),), target_types=(nn.Linear,))
+    with pytest.raises(RegistryError, match="a pass without target_types has none"):
+        _mark(needs=("original_weights",))
+    with pytest.raises(RegistryError, match=r"OldStyleConfig.needs_original_weights is not read; declare"):
+        _mark(config=OldStyleConfig, target_types=(nn.Linear,))
+
+
+def test_original_weights_are_given_where_the_declared_condition_holds(tiny_llama):
+    seen = []
+
+    @_mark(
+        "refine_test", config=RefineConfig, target_types=(nn.Linear,),
+        needs=(Need("original_weights", when=lambda config: config.previous),),
+    )  # fmt: skip
+    def apply_refine_test(model, config, ctx):
+        seen.append(ctx.original_weights)
+        return PassResult(report={})
+
+    spec = get_pass(apply_refine_test)
+    assert spec.needs == ("original_weights",)
+    assert spec.needs_for(RefineConfig(previous=True)) == ("original_weights",)
+    assert spec.needs_for(RefineConfig(previous=False)) == ()
+    dense = tiny_llama.model.layers[0].mlp.up_proj.weight.detach().clone()
+    prune = {"pass": "magnitude", "config": {"sparsity": 0.5}, "targets": ["model.layers.0.mlp.up_proj"]}
+    step = {"pass": apply_refine_test, "targets": ["model.layers.0.mlp.up_proj"]}
+    compressx.apply(tiny_llama, [prune, {**step, "config": {"previous": True}}, {**step, "config": {}}])
+    assert list(seen[0]) == ["model.layers.0.mlp.up_proj"]
+    assert torch.equal(seen[0]["model.layers.0.mlp.up_proj"], dense)  # copied before the first step pruned it
+    assert seen[1] is None
+
+
+def test_dsnot_needs_the_dense_weights_only_to_refine_the_previous_mask():
+    spec = get_pass("dsnot")
+    assert spec.needs_for(spec.config.from_dict({"init": "previous"})) == ("calibration", "original_weights")
+    assert spec.needs_for(spec.config.from_dict({"init": "wanda", "sparsity": 0.5})) == ("calibration",)

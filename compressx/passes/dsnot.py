@@ -50,7 +50,7 @@ from compressx.layerwise import LinearStats, decoder_layers, is_mlp, layerwise_p
 from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
 from compressx.passes.sparsegpt import sparsegpt_prune, sparsegpt_scores
 from compressx.passes.wanda import DECODER_LINEARS, LAYERWISE_TYPES, wanda_scores
-from compressx.registry import PassContext, PassResult, register_pass
+from compressx.registry import Need, PassContext, PassResult, register_pass
 from compressx.targets import TransposedLinear, weight_matrix
 
 REFERENCE_SEQ_LEN = 2048  # the sequence length the reference threshold is expressed at
@@ -115,10 +115,6 @@ class DsnotConfig(PassConfig):
     @property
     def nm(self) -> tuple[int, int] | None:
         return resolve_pattern(self.sparsity, self.pattern)[1]
-
-    @property
-    def needs_original_weights(self) -> bool:
-        return self.init == "previous"
 
 
 @dataclasses.dataclass
@@ -263,7 +259,7 @@ def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
     paper="DSnoT: Dynamic Sparse No Training (arXiv:2310.08915)",
     families=("llm",),
     target_types=LAYERWISE_TYPES,
-    needs=("calibration",),
+    needs=("calibration", Need("original_weights", when=lambda config: config.init == "previous")),
     default_targets=DECODER_LINEARS,
     check=_check,
     check_model=layerwise_problems,

@@ -61,6 +61,7 @@ from compressx.manifest import (
     verify,
     write_module_entry,
 )
+from compressx.pipelines import original_class
 from compressx.registry import get_pass, summarize_report
 from compressx.sparse_export import SPARSE_FORMATS, read_packed, write_sparse
 
@@ -89,7 +90,7 @@ def _write_weights(model: Any, directory: Path, source: dict[str, Any] | None) -
         return {"format": "transformers", "class": type(model).__name__}
     if _is_diffusers_pipeline(model):
         # Pipeline passes leave the weights alone; load() re-applies them to the pipeline saved here.
-        base = getattr(type(model), "_compressx_base", type(model))
+        base = original_class(model)
         model.save_pretrained(directory, safe_serialization=True)
         return {"format": "diffusers", "class": base.__name__, "dtype": str(model.dtype).removeprefix("torch.")}
     if not isinstance(model, nn.Module):
@@ -166,10 +167,10 @@ def save(
     if sparse_format not in SPARSE_FORMATS:
         raise ExportError(f"sparse_format {sparse_format!r} is unknown; allowed: {', '.join(SPARSE_FORMATS)}")
     target = Path(directory)
-    from compressx.training import IN_TRAINING
+    from compressx.training import InTrainingModule  # imported here: `import compressx` needs no training code
 
     modules = model.modules() if isinstance(model, nn.Module) else ()
-    in_training = sorted({type(m).__name__ for m in modules if getattr(m, IN_TRAINING, False)})
+    in_training = sorted({type(m).__name__ for m in modules if isinstance(m, InTrainingModule)})
     if in_training:
         raise ExportError(
             f"the model still holds training-pass modules ({', '.join(in_training)}): call handle.finalize() "

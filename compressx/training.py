@@ -32,9 +32,12 @@ from compressx.ops.sparsity import is_nm_sparse, parse_nm, sparsity_report, to_i
 log = logging.getLogger(__name__)
 
 NM_TRAINABLE_TYPES = (nn.Linear, nn.Conv2d)
-# Class attribute of the modules a training pass adds until finalize() (parametrizations, SpRe blocks): an export
-# of a model still holding one could not be rebuilt, so compressx.save refuses it.
-IN_TRAINING = "compressx_in_training"
+
+
+class InTrainingModule(nn.Module):
+    """The base class of the modules a training pass adds until ``finalize()`` (weight parametrizations such as
+    LBC's mask, SpRe's training-time block): an export of a model still holding one could not be rebuilt, so
+    ``compressx.save`` refuses it."""
 
 
 @dataclasses.dataclass(frozen=True)

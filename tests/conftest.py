@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from compressx.pipelines import original_class
+
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
@@ -231,7 +233,7 @@ def embeds(xl: bool, batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
 
 def plain(pipe, height, width, xl=False, seed=0, steps=6, **kw):
     """The unpatched pipeline's latents at (height, width), from prompt embeddings (``embeds``)."""
-    base = type(pipe)._compressx_base if hasattr(type(pipe), "_compressx_base") else type(pipe)
+    base = original_class(pipe)
     gen = torch.Generator().manual_seed(seed)
     args = dict(height=height, width=width, num_inference_steps=steps, generator=gen, output_type="latent")
     return base.__call__(pipe, **embeds(xl), **args, **kw).images

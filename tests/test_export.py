@@ -369,3 +369,18 @@ def test_recipe_export_sparse_format_reaches_save(tiny_llama, tmp_path):
     assert set(export_mod.load_sparse_state_dict(run.export_dir)) == set(
         compressx.read_manifest(run.export_dir)["sparsity"]
     )
+
+
+def test_save_refuses_any_in_training_module(tmp_path):
+    """The refusal is a class check (``InTrainingModule``), so a plugin's training module is covered too."""
+    from compressx.training import InTrainingModule
+
+    class PluginMask(InTrainingModule):
+        def forward(self, weight):
+            return weight
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", PluginMask())
+    with pytest.raises(ExportError, match=r"still holds training-pass modules \(PluginMask\)"):
+        compressx.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

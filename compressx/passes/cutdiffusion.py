@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
+from compressx.pipelines import original_class, patched_class
 from compressx.registry import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,7 @@ def check_scheduler(scheduler: Any) -> None:
 
 def check_pipeline(pipe: Any) -> str:
     """The supported pipeline class ``pipe`` is (or was, before a pass patched it); an error otherwise."""
-    base = getattr(type(pipe), "_compressx_base", type(pipe))
-    names = [cls.__name__ for cls in base.__mro__]
+    names = [cls.__name__ for cls in original_class(pipe).__mro__]
     for name in SUPPORTED_PIPELINES:
         if name in names:
             return name
@@ -522,8 +522,7 @@ def _patched_class(base: type, config: CutdiffusionConfig) -> type:
             )
         return cutdiffusion_sample(self, config, prompt, height, width, **kwargs)
 
-    # Same name as the base so that save_pretrained writes the base class into model_index.json.
-    return type(base.__name__, (base,), {"__call__": __call__, "_compressx_base": base, "__module__": base.__module__})
+    return patched_class(base, __call__)
 
 
 @register_pass(
@@ -546,7 +545,7 @@ def apply_cutdiffusion(model: Any, config: CutdiffusionConfig, ctx: PassContext)
         raise ConfigError(
             f"stride {stride} > window {window} (the UNet's native size) leaves pixels uncovered", "stride"
         )
-    base = getattr(type(model), "_compressx_base", type(model))
+    base = original_class(model)
     model.__class__ = _patched_class(base, config)
     report = {
         "pipeline": kind,

@@ -45,6 +45,7 @@ from compressx.ops.ste import candidate_union, from_blocks, lbc_masked
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
+    InTrainingModule,
     NMTrainingConfig,
     TrainingHandle,
     check_nm_layers,
@@ -114,10 +115,8 @@ def remove_lowest(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch
     return torch.zeros_like(alive).scatter_(1, order, True) & alive
 
 
-class LBCMask(nn.Module):
+class LBCMask(InTrainingModule):
     """The parametrization of one layer's weight: ``weight ↦ weight ⊙ (union of alive candidates)``."""
-
-    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
 
     def __init__(self, weight: torch.Tensor, n: int, m: int) -> None:
         super().__init__()

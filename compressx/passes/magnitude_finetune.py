@@ -25,6 +25,7 @@ from compressx.ops.sparsity import nm_mask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
+    InTrainingModule,
     NMTrainingConfig,
     TrainingHandle,
     check_nm_layers,
@@ -51,10 +52,8 @@ class MagnitudeFinetuneConfig(NMTrainingConfig):
             raise ConfigError(f"got {self.prune_epoch}; must be >= 0", path="prune_epoch")
 
 
-class FixedMask(nn.Module):
+class FixedMask(InTrainingModule):
     """The parametrization of one layer's weight: ``weight ↦ weight ⊙ mask`` with a fixed boolean mask."""
-
-    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

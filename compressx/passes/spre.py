@@ -49,6 +49,7 @@ from compressx.passes.sr_ste import SRSTEMask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
+    InTrainingModule,
     NMTrainingConfig,
     TrainingHandle,
     check_nm_layers,
@@ -136,10 +137,8 @@ def fold_into_conv_bn(
     return conv_weight, bn_weight, bn_bias
 
 
-class SpReConv2d(nn.Module):
+class SpReConv2d(InTrainingModule):
     """Training-time SpRe block: the N:M main conv and its BatchNorm, plus the spatially masked extra branch."""
-
-    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, n: int, m: int, decay: float, every: int) -> None:
         super().__init__()

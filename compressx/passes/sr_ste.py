@@ -26,6 +26,7 @@ from compressx.ops.ste import sr_ste
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
+    InTrainingModule,
     NMTrainingConfig,
     TrainingHandle,
     check_nm_layers,
@@ -52,10 +53,8 @@ class SrSteConfig(NMTrainingConfig):
             raise ConfigError(f"got {self.decay}; must be >= 0", path="decay")
 
 
-class SRSTEMask(nn.Module):
+class SRSTEMask(InTrainingModule):
     """The parametrization of one layer's weight: its N:M projection, with SR-STE's backward."""
-
-    compressx_in_training = True  # training.IN_TRAINING: compressx.save refuses a model holding one
 
     def __init__(self, n: int, m: int, decay: float) -> None:
         super().__init__()

@@ -148,3 +148,43 @@ def test_import_compressx_api_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
     ).stdout
     assert json.loads(out.splitlines()[-1]) == []
+
+
+# The layers of docs/architecture.md, bottom up. A module imports modules of its own layer or of lower ones only.
+LAYERS: dict[str, int] = {
+    **dict.fromkeys(
+        ["errors", "config", "_version", "ops", "targets", "checkpoint", "atomic", "threads", "pipelines"]
+        + ["manifest", "sparse_export", "gguf_files"],
+        0,
+    ),  # foundation
+    **dict.fromkeys(["registry", "passes"], 1),  # the registry (and the list of built-in pass modules)
+    "engine": 2,
+    **dict.fromkeys(["passes.*", "layerwise", "training"], 3),  # the passes and what several share
+    **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "trainer"], 4),
+    "recipe": 5,  # the recipe file format
+    **dict.fromkeys(["export", "quant_export"], 6),
+    "runner": 7,
+    **dict.fromkeys(["cli", "__main__", "api", ""], 8),  # the CLI and the public facade (compressx, compressx.api)
+}
+
+
+def layer_of(module: str) -> int | None:
+    name = module.removeprefix("compressx").removeprefix(".")
+    parts = name.split(".")
+    for key in (name, f"{parts[0]}.*" if len(parts) > 1 else None, parts[0]):
+        if key is not None and key in LAYERS:
+            return LAYERS[key]
+    return None
+
+
+def test_every_import_goes_down_the_layers_of_docs_architecture():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"give these modules a layer (LAYERS here and docs/architecture.md): {unplaced}"
+    upward = [
+        f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
+    assert not upward, "imports up the layers: " + "; ".join(upward)

@@ -164,12 +164,12 @@ def test_timm_resnet_trains_and_finalizes_nm(pass_name):
     sparse = [
         name
         for name, module in model.named_modules()
-        if parametrize.is_parametrized(module) or type(module).__name__ == "SpReConv2d"
+        if parametrize.is_parametrized(module) or type(module).__name__ == "SpreConv2d"
     ]
     assert "conv1.0" not in sparse and "layer1.0.conv1" in sparse and "layer4.0.conv2" in sparse
     assert ("fc" in sparse) == (pass_name == "spre")  # LBC's classifier stays dense, SpRe's is N:M
     if pass_name == "spre":
-        assert sum(type(m).__name__ == "SpReConv2d" for m in model.modules()) == 8  # the 3x3 block convs
+        assert sum(type(m).__name__ == "SpreConv2d" for m in model.modules()) == 8  # the 3x3 block convs
     _train_steps(model, handle)
     model.eval()
     x = torch.randn(2, 3, 32, 32)

@@ -29,7 +29,7 @@ def from_blocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return from_input_last(blocks.reshape(to_input_last(like).shape), like)
 
 
-class _SRSTE(torch.autograd.Function):
+class _SrSte(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:  # type: ignore[override]
         keep = nm_mask(weight.detach().abs(), n, m)
@@ -46,7 +46,7 @@ class _SRSTE(torch.autograd.Function):
 
 def sr_ste(weight: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:
     """N:M-masked ``weight`` whose backward is SR-STE's: ``∂L/∂w = ∂L/∂ŵ + decay · (1 − mask) ⊙ w``."""
-    return _SRSTE.apply(weight, n, m, decay)
+    return _SrSte.apply(weight, n, m, decay)
 
 
 def candidate_union(alive: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

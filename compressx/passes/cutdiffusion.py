@@ -501,7 +501,7 @@ def _decode(pipe, latents, config, xl, size, native_px, output_type, return_dict
 # ---- the pass --------------------------------------------------------------------------------------------------
 
 
-class CutDiffusionHandle:
+class CutdiffusionHandle:
     """Restores the pipeline's original class (its plain ``__call__``)."""
 
     def __init__(self, pipe: Any, base: type) -> None:
@@ -557,4 +557,4 @@ def apply_cutdiffusion(model: Any, config: CutdiffusionConfig, ctx: PassContext)
         "proportion": config.proportion,
     }
     log.info("cutdiffusion on %s: native %d px, window %d, stride %d", kind, report["native_px"], window, stride)
-    return PassResult(report=report, handle=CutDiffusionHandle(model, base))
+    return PassResult(report=report, handle=CutdiffusionHandle(model, base))

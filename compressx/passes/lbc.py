@@ -115,7 +115,7 @@ def remove_lowest(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch
     return torch.zeros_like(alive).scatter_(1, order, True) & alive
 
 
-class LBCMask(InTrainingModule):
+class LbcMask(InTrainingModule):
     """The parametrization of one layer's weight: ``weight ↦ weight ⊙ (union of alive candidates)``."""
 
     def __init__(self, weight: torch.Tensor, n: int, m: int) -> None:
@@ -142,7 +142,7 @@ class LBCMask(InTrainingModule):
         return self._keep
 
 
-def _masks(layers: dict[str, nn.Module]) -> dict[str, LBCMask]:
+def _masks(layers: dict[str, nn.Module]) -> dict[str, LbcMask]:
     return {name: module.parametrizations.weight[0] for name, module in layers.items()}
 
 
@@ -159,7 +159,7 @@ def apply_lbc(model: nn.Module, config: LbcConfig, ctx: PassContext) -> PassResu
     """Add candidate scores to every selected layer; return the handle that runs the removal schedule."""
     n, m = config.nm
     layers, skipped = select_nm_layers(model, ctx.targets, config)
-    parametrize_weights(layers, lambda module: LBCMask(module.weight.detach(), n, m))
+    parametrize_weights(layers, lambda module: LbcMask(module.weight.detach(), n, m))
     count = math.comb(m, n)
 
     def on_epoch(epoch: int) -> dict | None:

@@ -14,7 +14,7 @@ are linear, and the sum has the support of B, so it folds exactly into one N:M c
 Touches:
 * every selected ``Conv2d`` with a spatial kernel that is directly followed by a ``BatchNorm2d`` (its next
   sibling module; checked on the ``torch.fx`` graph when the model traces): the pair is replaced in training by
-  one ``SpReConv2d`` (the BatchNorm's place holds an ``nn.Identity``);
+  one ``SpreConv2d`` (the BatchNorm's place holds an ``nn.Identity``);
 * every other selected layer (1x1 convs, Linear layers — the classifier too, as in the official ResNets —, convs
   without a BatchNorm): SR-STE only, through a weight parametrization. A model with no such pair (a ViT: Linear
   layers only) therefore trains exactly as ``sr_ste``; the pass then logs a warning and its report says so
@@ -45,7 +45,7 @@ import torch.nn as nn
 from compressx.errors import ConfigError
 from compressx.ops.sparsity import nm_mask, topk_mask
 from compressx.ops.ste import sr_ste
-from compressx.passes.sr_ste import SRSTEMask
+from compressx.passes.sr_ste import SrSteMask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.training import (
     NM_TRAINABLE_TYPES,
@@ -137,7 +137,7 @@ def fold_into_conv_bn(
     return conv_weight, bn_weight, bn_bias
 
 
-class SpReConv2d(InTrainingModule):
+class SpreConv2d(InTrainingModule):
     """Training-time SpRe block: the N:M main conv and its BatchNorm, plus the spatially masked extra branch."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, n: int, m: int, decay: float, every: int) -> None:
@@ -258,14 +258,14 @@ def apply_spre(model: nn.Module, config: SpreConfig, ctx: PassContext) -> PassRe
     pairs, single = pair_conv_bn(model, layers)
     for name, reason in single.items():
         log.info("spre: %s: %s", name, reason)
-    blocks: dict[str, SpReConv2d] = {}
+    blocks: dict[str, SpreConv2d] = {}
     for conv_name, bn_name in pairs.items():
-        block = SpReConv2d(layers[conv_name], model.get_submodule(bn_name), n, m, config.decay, config.spatial_every)
+        block = SpreConv2d(layers[conv_name], model.get_submodule(bn_name), n, m, config.decay, config.spatial_every)
         set_submodule(model, conv_name, block)
         set_submodule(model, bn_name, nn.Identity())
         blocks[conv_name] = block
     others = {name: layers[name] for name in single}
-    parametrize_weights(others, lambda _: SRSTEMask(n, m, config.decay))  # SR-STE only
+    parametrize_weights(others, lambda _: SrSteMask(n, m, config.decay))  # SR-STE only
     note = None
     if not blocks:  # e.g. a ViT: Linear layers only. Say so: the run is plain SR-STE, not SpRe.
         note = (

@@ -53,7 +53,7 @@ class SrSteConfig(NMTrainingConfig):
             raise ConfigError(f"got {self.decay}; must be >= 0", path="decay")
 
 
-class SRSTEMask(InTrainingModule):
+class SrSteMask(InTrainingModule):
     """The parametrization of one layer's weight: its N:M projection, with SR-STE's backward."""
 
     def __init__(self, n: int, m: int, decay: float) -> None:
@@ -77,7 +77,7 @@ def apply_sr_ste(model: nn.Module, config: SrSteConfig, ctx: PassContext) -> Pas
     """Make every selected layer use the N:M projection of its weight, with SR-STE gradients."""
     n, m = config.nm
     layers, skipped = select_nm_layers(model, ctx.targets, config)
-    parametrize_weights(layers, lambda _: SRSTEMask(n, m, config.decay))
+    parametrize_weights(layers, lambda _: SrSteMask(n, m, config.decay))
 
     def finalize() -> dict:
         unparametrize(layers, keep_projection=True)

@@ -202,7 +202,7 @@ def test_score_gradient_is_the_spec_formula(kind, pattern, removed):
 
 def test_score_gradient_precision_follows_the_model():
     # A float64 model prepared as it is: its scores' gradient should be float64-exact (to 1e-10).
-    # LBCMask makes scores and candidates float32, so the gradient is computed at float32 precision.
+    # LbcMask makes scores and candidates float32, so the gradient is computed at float32 precision.
     torch.manual_seed(1)
     layer = nn.Linear(16, 6).double()
     x = torch.randn(5, 16, dtype=torch.float64)

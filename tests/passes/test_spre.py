@@ -8,7 +8,7 @@ import compressx
 from compressx.api import apply
 from compressx.errors import ConfigError
 from compressx.ops.sparsity import is_nm_sparse, nm_mask, to_input_last
-from compressx.passes.spre import SpreConfig, SpReConv2d, spatial_mask
+from compressx.passes.spre import SpreConfig, SpreConv2d, spatial_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +120,7 @@ def test_fold_equals_the_two_branch_block(stride, bias, groups, dtype, tol):
     model = _pair(stride, bias, groups, dtype)
     handle = compressx.prepare(model, "spre", {"pattern": "2:4", "skip_stem": False})
     block = model[0]
-    assert isinstance(block, SpReConv2d) and isinstance(model[1], nn.Identity)
+    assert isinstance(block, SpreConv2d) and isinstance(model[1], nn.Identity)
     x = torch.randn(4, 16, 8, 8, dtype=dtype)
     _train(model, x)
     _randomise_bns(model)  # non-trivial statistics on both branches
@@ -164,7 +164,7 @@ def test_whole_model_fold(dtype, tol):
     keys = set(model.state_dict())
     types = {name: type(module) for name, module in model.named_modules()}
     handle = compressx.prepare(model, "spre", {"pattern": "2:4"})
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, SpReConv2d)}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, SpreConv2d)}
     assert set(blocks) == {"layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2"}  # stem stays dense
     assert parametrize.is_parametrized(model.layer2.shortcut[0]) and parametrize.is_parametrized(model.fc)
     assert not parametrize.is_parametrized(model.stem)
@@ -222,7 +222,7 @@ def test_other_layers_get_sr_ste_only():
     assert set(report["sr_ste_only"]) == {"nobn", "pw", "late", "fc"}
     assert "traced graph" in report["sr_ste_only"]["late"]
     assert report["extra_branches"] == 1
-    assert isinstance(model.paired, SpReConv2d) and isinstance(model.paired_bn, nn.Identity)
+    assert isinstance(model.paired, SpreConv2d) and isinstance(model.paired_bn, nn.Identity)
     for name in ("nobn", "pw", "late", "fc"):
         assert parametrize.is_parametrized(model.get_submodule(name))
     assert type(model.late_bn) is nn.BatchNorm2d and not parametrize.is_parametrized(model.stem)
@@ -262,7 +262,7 @@ def test_remove_restores_dense_modules():
     assert not is_nm_sparse(model.layer1.conv1.weight, 2, 4)  # the dense latent weight, no zeros
     assert not parametrize.is_parametrized(model.fc) and torch.equal(model.fc.weight.detach(), fc_latent)
     assert set(model.state_dict()) == keys
-    assert not any(isinstance(m, SpReConv2d) for m in model.modules())
+    assert not any(isinstance(m, SpreConv2d) for m in model.modules())
 
 
 def test_extra_branch_mask_follows_main_mask_and_spatial_mask():

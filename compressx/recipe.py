@@ -13,7 +13,7 @@ export: {dir: out/name}
 ```
 
 A recipe whose last step is a training pass (``lbc``, ``spre``, ...) also has a ``train:`` block, run by the
-built-in trainer (``compressx.trainer``) between preparing the model and finalising it.
+built-in trainer (``compressx.builtin_trainer``) between preparing the model and finalising it.
 
 Every block is validated strictly: an unknown key anywhere is an error naming the file, the path
 (``steps[1].config.sparsty``), the allowed keys and the closest match. Problems are collected, not stopped at the
@@ -38,6 +38,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException, UnsupportedInterpolationType
 
+from compressx.builtin_trainer import TrainSpec, parse_train_spec
 from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
 from compressx.data import DataSpec, parse_calibration_spec
 from compressx.engine import StepSpec, parse_step
@@ -46,7 +47,6 @@ from compressx.evaluate import EvalSpec, parse_eval_spec
 from compressx.images import ImageDataSpec
 from compressx.models import ModelSpec, parse_model_spec
 from compressx.registry import get_pass
-from compressx.trainer import TrainSpec, parse_train_spec
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
 EXPORT_KEYS = ("dir", "overwrite", "sparse_format")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from compressx.builtin_trainer import train
 from compressx.checkpoint import CheckpointDir
 from compressx.data import load_calibration
 from compressx.engine import ApplyResult, StepResult, apply, check_families, check_steps_on_model
@@ -28,7 +29,6 @@ from compressx.models import build_model
 from compressx.recipe import ExportSpec, Recipe, check_checkpoint_dirs, checkpoint_dirs, recipe_fingerprint
 from compressx.registry import get_pass, summarize_report
 from compressx.threads import tiny_model_threads
-from compressx.trainer import train
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import compressx
+from compressx.builtin_trainer import parse_train_spec, train
 from compressx.checkpoint import MARKER, CheckpointDir, join_tensors, parse_checkpoint_spec, split_tensors
 from compressx.errors import CheckpointError, ConfigError
-from compressx.trainer import parse_train_spec, train
 from compressx.zoo.resnet_digits import build_empty
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -61,7 +61,7 @@ def test_training_killed_mid_epoch_and_resumed_exports_the_same_weights(tmp_path
     assert reference.returncode == 0, reference.stderr[-3000:]
     args = ["apply", LBC, *QUICK, checkpoint, f"export.dir={tmp_path / 'out'}", "--no-progress"]
     # learning_rate is called once per step; 200 images in batches of 64 are 4 steps an epoch: die in epoch 2.
-    killed = cli(*args, cache=zoo_cache, kill=["compressx.trainer", "learning_rate", str(2 * 4 + 2)])
+    killed = cli(*args, cache=zoo_cache, kill=["compressx.builtin_trainer", "learning_rate", str(2 * 4 + 2)])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "out").exists()
     assert CheckpointDir(tmp_path / "ckpt", {}).entries() == ["epoch-0001"]

@@ -135,7 +135,7 @@ HEAVY = (
     "diffusers",
     "timm",
     "accelerate",
-    "compressx.trainer",
+    "compressx.builtin_trainer",
     "compressx.training",
     "compressx.evaluate",
 )
@@ -160,7 +160,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["registry", "passes"], 1),  # the registry (and the list of built-in pass modules)
     "engine": 2,
     **dict.fromkeys(["passes.*", "layerwise", "training"], 3),  # the passes and what several share
-    **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "trainer"], 4),
+    **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "builtin_trainer"], 4),
     "recipe": 5,  # the recipe file format
     **dict.fromkeys(["export", "quant_export"], 6),
     "runner": 7,

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import compressx
+from compressx.builtin_trainer import parse_train_spec, train
 from compressx.images import parse_image_data_spec, top1
-from compressx.trainer import parse_train_spec, train
 from compressx.zoo import resnet_digits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,9 +81,9 @@ def build_empty() -> ResNetDigits:
 @tiny_model_threads()
 def train(progress: bool = True) -> tuple[ResNetDigits, dict[str, Any]]:
     """Train the dense model on the digits training split, deterministically."""
+    from compressx.builtin_trainer import parse_train_spec
+    from compressx.builtin_trainer import train as run_training
     from compressx.images import parse_image_data_spec, top1
-    from compressx.trainer import parse_train_spec
-    from compressx.trainer import train as run_training
 
     spec = parse_train_spec(TRAINING)
     start = time.perf_counter()

@@ -71,9 +71,9 @@ def build_empty() -> ViTDigits:
 @tiny_model_threads()
 def train(progress: bool = True) -> tuple[ViTDigits, dict[str, Any]]:
     """Train the model on the noisy digits training split, deterministically."""
+    from compressx.builtin_trainer import parse_train_spec
+    from compressx.builtin_trainer import train as run_training
     from compressx.images import parse_image_data_spec, top1
-    from compressx.trainer import parse_train_spec
-    from compressx.trainer import train as run_training
 
     spec = parse_train_spec(TRAINING)
     start = time.perf_counter()

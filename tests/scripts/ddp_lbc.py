@@ -1,4 +1,5 @@
-"""Run by tests/test_trainer.py under torchrun (2 CPU processes): LBC through compressx.trainer.train with DDP.
+"""Run by tests/test_builtin_trainer.py under torchrun (2 CPU processes): LBC through
+compressx.builtin_trainer.train with DDP.
 
 Every rank prints one line ``RESULT <json>``: its rank, the number of processes, accelerate's distributed type,
 and hashes of the finalised parameters and of the zero masks of the N:M layers. The ranks start from different
@@ -14,7 +15,7 @@ import torch
 from accelerate import PartialState
 
 import compressx
-from compressx.trainer import parse_train_spec, train
+from compressx.builtin_trainer import parse_train_spec, train
 from compressx.zoo.resnet_digits import build_empty
 
 

@@ -1,5 +1,5 @@
-"""compressx.trainer: the train block's validation, the learning-rate schedule, the optimizer groups, and train()
-driving training-pass handles (in process, and under DDP with two CPU processes)."""
+"""compressx.builtin_trainer: the train block's validation, the learning-rate schedule, the optimizer groups, and
+train() driving training-pass handles (in process, and under DDP with two CPU processes)."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 import compressx
+from compressx.builtin_trainer import TrainSpec, build_optimizer, learning_rate, parse_train_spec, train
 from compressx.errors import ConfigError
-from compressx.trainer import TrainSpec, build_optimizer, learning_rate, parse_train_spec, train
 from compressx.zoo.resnet_digits import build_empty
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from compressx.errors import CompressxError
+from compressx.errors import CompressxError, ConfigError
 from compressx.registry import summarize_report
 
 log = logging.getLogger("compressx")
@@ -180,7 +180,11 @@ def _cmd_load(args: argparse.Namespace) -> int:
         evals = recorded_recipe.get("eval") if isinstance(recorded_recipe, dict) else None
         if not isinstance(evals, list | None):
             raise CompressxError(f"{args.dir}/recipe.yaml: eval is not a list of metrics")
-        specs = [parse_eval_spec(e) for e in evals or []]
+        for i, entry in enumerate(evals or []):
+            try:
+                specs.append(parse_eval_spec(entry))
+            except ConfigError as err:  # all its problems on the one error line
+                raise CompressxError(f"{args.dir}/recipe.yaml: {'; '.join(err.under(f'eval[{i}]').lines())}") from err
     if not specs:
         raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
     values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)

@@ -84,6 +84,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from compressx.schema import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
 def _show_manifest(directory: str, manifest: dict[str, Any]) -> str:
     out = [f"compressx export {directory}  (format {manifest['format_version']}, created {manifest.get('created')})"]
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
@@ -237,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the registered passes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_list)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a recipe (for editors: docs/recipes.md)")
+    p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("show", help="print an export's manifest")
     p.add_argument("dir")

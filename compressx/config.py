@@ -17,6 +17,7 @@ subclass (a nested block) and a union of Block subclasses that share a tag (the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -153,7 +154,7 @@ class Block:
     @classmethod
     def json_schema(cls, defs: dict[str, Any]) -> dict[str, Any]:
         """A ``$ref`` to the block's JSON Schema (draft 2020-12), which is added to ``defs`` under its class name."""
-        name = cls.__name__
+        name = f"{cls.__module__}.{cls.__qualname__}"  # unique: two passes' configs may share a class name
         if name not in defs:
             defs[name] = {}  # a placeholder: a block that holds itself refers to its own name
             defs[name] = _block_schema(cls, defs)
@@ -459,7 +460,7 @@ def _object_schema(
 
 
 def _json_scalar(value: Any) -> bool:
-    return isinstance(value, bool | int | float | str)
+    return isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _block_schema(cls: type[Block], defs: dict[str, Any]) -> dict[str, Any]:

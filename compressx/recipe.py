@@ -414,6 +414,11 @@ def _apply_override(cfg: Any, override: str) -> None:
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override (omegaconf dotlist, e.g. ``steps.0.config.sparsity=0.6``) and validate a recipe file."""
+    return parse_recipe(read_recipe(path, overrides), str(path))
+
+
+def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """A recipe file's contents, overridden and resolved (interpolations filled in), not yet validated."""
     source = str(path)
     text = _read_recipe_text(path)
     try:
@@ -444,7 +449,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     except OmegaConfBaseException as err:
         where = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
         raise RecipeError([f"{where}cannot resolve: {_omegaconf_message(err)}"], source) from err
-    return parse_recipe(raw, source)
+    return raw
 
 
 def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | None:

@@ -108,14 +108,12 @@ class Block:
                 problems.append(err)
         for key, f in applies.items():
             rules = rules_of(f)
-            if key in values or key == cls.tag:
-                continue
             try:
-                if tag_value in rules.needs:
+                if tag_value in rules.needs and values.get(key) is None:
                     what = rules_of(direct[cls.tag]).what or cls.tag
                     doc = f" ({rules.doc})" if rules.doc else ""
                     raise ConfigError(f"{what} {tag_value} needs '{key}'{doc}", path=key)
-                if _required(f):
+                if key not in values and key != cls.tag and _required(f):
                     if rules.missing:
                         raise ConfigError(rules.missing, path=key)
                     check_field(None, f, hints[f.name], key)
@@ -182,15 +180,18 @@ class PassConfig(Block):
 SEED_MAX = 2**32 - 1
 
 
-def seed_option() -> Any:
-    """The ``seed`` field of a block: an integer in ``0 .. SEED_MAX``, default 0."""
-    return option(0, ge=0, le=SEED_MAX, expected=f"an integer >= 0 and <= {SEED_MAX} (2**32 - 1)")
+_SEED_EXPECTED = f"an integer >= 0 and <= {SEED_MAX} (2**32 - 1)"
+
+
+def seed_option(**rules: Any) -> Any:
+    """The ``seed`` field of a block: an integer in ``0 .. SEED_MAX``, default 0 (``rules``: more ``Rules``)."""
+    return option(0, ge=0, le=SEED_MAX, expected=_SEED_EXPECTED, **rules)
 
 
 def check_seed(value: Any, path: str = "seed") -> int:
     """``value`` when it is an integer seed in ``0 .. SEED_MAX``; else ``ConfigError`` saying the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
-        raise ConfigError(f"got {value!r}; expected an integer >= 0 and <= {SEED_MAX} (2**32 - 1)", path=path)
+        raise ConfigError(f"got {value!r}; expected {_SEED_EXPECTED}", path=path)
     return value
 
 

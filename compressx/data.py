@@ -229,7 +229,7 @@ class DataSpec(Block):
 
     source: str = option(choices=(*TEXT_SOURCES, *MULTIMODAL_SOURCES), what="data source")
     split: str | None = option(None, sources=("stdlib_text", "pydoc_text", "hf_dataset", "digits_vqa"))
-    path: str | None = option(None, sources=_PATH_SOURCES, needs=_PATH_SOURCES)
+    path: str | None = option(None, sources=_PATH_SOURCES, needs=_PATH_SOURCES, expected="a path (a string)")
     paths: tuple[str, ...] | None = option(
         None, sources=("text_files",), needs=("text_files",), nonempty=True, one_or_many=True,
         expected="a list of file paths or globs",

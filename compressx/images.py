@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from compressx.config import SEED_MAX, Block, option
+from compressx.config import Block, option, seed_option
 from compressx.errors import CompressxError, ConfigError
 
 IMAGE_SOURCES = ("digits", "image_folder")
@@ -40,7 +40,7 @@ class ImageDataSpec(Block):
     split: str = option("train", nonempty=True, expected="a split directory name")
     train_images: int | None = option(None, sources=("digits",), expected="a positive integer")
     noise: float = option(0.0, sources=("digits",), ge=0)
-    seed: int = option(0, sources=("digits",), ge=0, le=SEED_MAX)
+    seed: int = seed_option(sources=("digits",))
     path: str | None = option(
         None,
         sources=("image_folder",),

@@ -29,15 +29,24 @@ B = TypeVar("B", bound="Block")
 RULES = "compressx.rules"  # the dataclasses field-metadata key under which ``option`` stores a field's ``Rules``
 
 
+Names = Sequence[str] | Callable[[], Sequence[str]]  # names, or a function giving them (called when needed)
+
+
+def _names(names: Names | None) -> Sequence[str] | None:
+    return names() if callable(names) else names
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """What a field's annotation cannot say. Every attribute is optional."""
 
     key: str | None = None  # the YAML key, when it is not the field's name (``class`` → ``cls``)
     group: str | None = None  # read from the nested mapping ``group:`` (``optimizer: {lr: ...}`` → field ``lr``)
-    sources: tuple[str, ...] | None = None  # the values of the block's tag this key applies to (None: all)
-    needs: tuple[str, ...] = ()  # the values of the block's tag for which this key is required
-    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None  # allowed names (a callable: looked up late)
+    # the values of the block's tag this key applies to (None: all) and those it is required for; like ``choices``,
+    # a callable is called when needed (a table filled in after the class, e.g. evaluate.METRICS)
+    only: Names | None = None
+    needs: Names = ()
+    choices: Names | None = None  # the allowed values
     what: str | None = None  # with choices: "unknown <what> 'x'; allowed: ...; did you mean ...?" messages
     ge: float | None = None
     le: float | None = None
@@ -49,7 +58,13 @@ class Rules:
     doc: str | None = None  # what the key is, for the schema and for "needs" messages
 
     def allowed(self) -> Sequence[str] | None:
-        return self.choices() if callable(self.choices) else self.choices
+        return _names(self.choices)
+
+    def applies_to(self) -> Sequence[str] | None:
+        return _names(self.only)
+
+    def needed_by(self) -> Sequence[str]:
+        return _names(self.needs) or ()
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
@@ -65,7 +80,7 @@ def rules_of(f: dataclasses.Field) -> Rules:
 class Block:
     """Base of every validated block. Subclasses are ``@dataclasses.dataclass(frozen=True)``.
 
-    ``tag`` names the key whose value picks which of the block's keys apply (``Rules.sources`` / ``needs``) and,
+    ``tag`` names the key whose value picks which of the block's keys apply (``Rules.only`` / ``needs``) and,
     in a union of blocks, which block a mapping is. ``shape`` is an example mapping for the message that refuses a
     value that is not a mapping at all.
     """
@@ -99,8 +114,8 @@ class Block:
                     f = applies[key]
                     kwargs[f.name] = check_field(value, f, hints[f.name], str(key), not cls.keep_null)
                 elif key in direct:
-                    sources = ", ".join(rules_of(direct[key]).sources or ())
-                    which = f"source{'s' if ',' in sources else ''} {sources}"
+                    names = ", ".join(rules_of(direct[key]).applies_to() or ())
+                    which = f"{cls.tag}{'s' if ',' in names else ''} {names}"
                     raise ConfigError(f"'{key}' applies to {which} only; {unknown_key_message(key, allowed)}", key)
                 else:
                     raise ConfigError(unknown_key_message(str(key), allowed), path=str(key))
@@ -109,7 +124,7 @@ class Block:
         for key, f in applies.items():
             rules = rules_of(f)
             try:
-                if tag_value in rules.needs and values.get(key) is None:
+                if tag_value in rules.needed_by() and values.get(key) is None:
                     what = rules_of(direct[cls.tag]).what or cls.tag
                     doc = f" ({rules.doc})" if rules.doc else ""
                     raise ConfigError(f"{what} {tag_value} needs '{key}'{doc}", path=key)
@@ -207,8 +222,8 @@ def _layout(cls: type[Block]) -> tuple[dict[str, dataclasses.Field], dict[str, d
 
 
 def _applies(f: dataclasses.Field, tag_value: Any) -> bool:
-    sources = rules_of(f).sources
-    return sources is None or tag_value is None or tag_value in sources
+    names = rules_of(f).applies_to()
+    return names is None or tag_value is None or tag_value in names
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -471,7 +486,7 @@ def _block_schema(cls: type[Block], defs: dict[str, Any]) -> dict[str, Any]:
 
     def variant(tag_value: Any) -> dict[str, Any]:
         fields = {k: f for k, f in direct.items() if _applies(f, tag_value)}
-        required = [k for k, f in fields.items() if _required(f) or tag_value in rules_of(f).needs]
+        required = [k for k, f in fields.items() if _required(f) or tag_value in rules_of(f).needed_by()]
         schema = _object_schema(fields, hints, defs, required)
         if tag_value is not None:
             schema["properties"][cls.tag] = {"const": tag_value}

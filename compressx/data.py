@@ -228,14 +228,14 @@ class DataSpec(Block):
     shape: ClassVar[str] = "{source: stdlib_text, split: train}"
 
     source: str = option(choices=(*TEXT_SOURCES, *MULTIMODAL_SOURCES), what="data source")
-    split: str | None = option(None, sources=("stdlib_text", "pydoc_text", "hf_dataset", "digits_vqa"))
-    path: str | None = option(None, sources=_PATH_SOURCES, needs=_PATH_SOURCES, expected="a path (a string)")
+    split: str | None = option(None, only=("stdlib_text", "pydoc_text", "hf_dataset", "digits_vqa"))
+    path: str | None = option(None, only=_PATH_SOURCES, needs=_PATH_SOURCES, expected="a path (a string)")
     paths: tuple[str, ...] | None = option(
-        None, sources=("text_files",), needs=("text_files",), nonempty=True, one_or_many=True,
+        None, only=("text_files",), needs=("text_files",), nonempty=True, one_or_many=True,
         expected="a list of file paths or globs",
     )  # fmt: skip
-    text_field: str | None = option(None, sources=("hf_dataset",), doc="the column holding the text (default text)")
-    data_files: str | None = option(None, sources=("hf_dataset",))
+    text_field: str | None = option(None, only=("hf_dataset",), doc="the column holding the text (default text)")
+    data_files: str | None = option(None, only=("hf_dataset",))
     samples: int = option(128, ge=1, le=MAX_SAMPLES, expected=f"a positive integer <= {MAX_SAMPLES:,}")
     seq_len: int = option(512, ge=1, le=MAX_SEQ_LEN, expected=f"a positive integer <= {MAX_SEQ_LEN:,}")
     seed: int = seed_option()

@@ -28,23 +28,29 @@ from compressx.images import ImageDataSpec, top1
 from compressx.layerwise import execution_device
 
 
+def _metrics_with_data() -> tuple[str, ...]:
+    return tuple(name for name, metric in METRICS.items() if metric.data is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSpec(Block):
-    """One entry of a recipe's eval list."""
+    """One entry of a recipe's eval list; ``metric`` picks which keys apply (a metric of ``METRICS`` with a data
+    class reads ``data``)."""
 
+    tag: ClassVar[str] = "metric"
     shape: ClassVar[str] = "{metric: perplexity, data: {...}}"
 
     metric: str = option(choices=lambda: tuple(METRICS), what="metric")
-    data: DataSpec | ImageDataSpec = option(missing="a metric needs a 'data' block")
+    data: DataSpec | ImageDataSpec | None = option(
+        None, only=_metrics_with_data, needs=_metrics_with_data, doc="the data the metric runs on"
+    )
     batch_size: int = option(8, ge=1, expected="a positive integer")
 
     def __post_init__(self) -> None:
         reads = METRICS[self.metric].data
-        if not isinstance(self.data, reads):
-            sources = ", ".join(reads.tag_values())
-            raise ConfigError(
-                f"metric '{self.metric}' reads sources {sources}; got '{self.data.source}'", "data.source"
-            )
+        if reads is not None and not isinstance(self.data, reads):
+            message = f"metric '{self.metric}' reads source {', '.join(reads.tag_values())}, not '{self.data.source}'"
+            raise ConfigError(message, path="data.source")
 
     @property
     def label(self) -> str:
@@ -97,7 +103,7 @@ class Metric(NamedTuple):
 
     families: tuple[str, ...]
     run: Callable[[Any, Any, EvalSpec, bool], float]
-    data: type[DataSpec] | type[ImageDataSpec]
+    data: type[DataSpec] | type[ImageDataSpec] | None  # None: the metric reads no data block
 
 
 METRICS: dict[str, Metric] = {

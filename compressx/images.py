@@ -38,18 +38,18 @@ class ImageDataSpec(Block):
 
     source: str = option(choices=IMAGE_SOURCES, what="image data source")
     split: str = option("train", nonempty=True, expected="a split directory name")
-    train_images: int | None = option(None, sources=("digits",), expected="a positive integer")
-    noise: float = option(0.0, sources=("digits",), ge=0)
-    seed: int = seed_option(sources=("digits",))
+    train_images: int | None = option(None, only=("digits",), expected="a positive integer")
+    noise: float = option(0.0, only=("digits",), ge=0)
+    seed: int = seed_option(only=("digits",))
     path: str | None = option(
         None,
-        sources=("image_folder",),
+        only=("image_folder",),
         needs=("image_folder",),
         doc="the dataset root holding one directory per split",
     )
-    image_size: int = option(224, sources=("image_folder",), ge=8)
+    image_size: int = option(224, only=("image_folder",), ge=8)
     # image_folder: random-resized crop + flip; default: for the train split only
-    augment: bool | None = option(None, sources=("image_folder",))
+    augment: bool | None = option(None, only=("image_folder",))
 
     def __post_init__(self) -> None:
         if self.source == "digits" and self.split not in ("train", "test"):

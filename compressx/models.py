@@ -41,16 +41,16 @@ class ModelSpec(Block):
     source: str = option(choices=SOURCES)
     id: str = option(nonempty=True, expected="a hub id, local directory or name")
     dtype: str = option("float32", choices=tuple(DTYPES))
-    cls: str | None = option(None, key="class", sources=("hf",), nonempty=True, expected="a transformers class name")
+    cls: str | None = option(None, key="class", only=("hf",), nonempty=True, expected="a transformers class name")
     # timm / zoo: False builds freshly initialised weights (training from scratch, tests)
-    pretrained: bool = option(True, sources=("timm", "zoo"))
+    pretrained: bool = option(True, only=("timm", "zoo"))
     kwargs: dict[str, Any] = option(
         default_factory=dict,
         expected="a mapping of keyword arguments (name: value)",
         doc="keyword arguments of the loader (sources hf, timm, diffusers)",
     )
     # hf only: a GGUF checkpoint in the directory / hub repo ``id``
-    gguf_file: str | None = option(None, sources=("hf",), nonempty=True, expected="the name of a .gguf file in 'id'")
+    gguf_file: str | None = option(None, only=("hf",), nonempty=True, expected="the name of a .gguf file in 'id'")
 
     def __post_init__(self) -> None:
         if self.kwargs and self.source == "zoo":

@@ -93,7 +93,7 @@ class DemoSource(Block):
     tag: ClassVar[str] = "kind"
 
     kind: str = option(choices=("file", "memory"), what="demo kind")
-    path: str | None = option(None, sources=("file",), needs=("file",), doc="where the file is")
+    path: str | None = option(None, only=("file",), needs=("file",), doc="where the file is")
     size: int = option(1, ge=1, le=10)
     lr: float = option(0.1, group="opt", ge=0)
     optimizer: str = option("sgd", group="opt", key="name", choices=("sgd", "adamw"))
@@ -115,7 +115,7 @@ class DemoHolder(Block):
 @pytest.mark.parametrize(
     "values, path, fragments",
     [
-        ({"kind": "memory", "path": "x"}, "path", ["'path' applies to source file only", "unknown key 'path'"]),
+        ({"kind": "memory", "path": "x"}, "path", ["'path' applies to kind file only", "unknown key 'path'"]),
         ({"kind": "file"}, "path", ["demo kind file needs 'path' (where the file is)"]),
         ({"kind": "tape"}, "kind", ["unknown demo kind 'tape'; allowed: file, memory"]),
         ({"kind": "memory", "size": 11}, "size", ["got 11; expected an integer >= 1 and <= 10"]),

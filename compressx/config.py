@@ -12,6 +12,11 @@ not the field's name (``class``), a nested mapping the field is read from (``opt
 closed set of names, the values of the block's *tag* (e.g. ``source``) the key applies to or is required for.
 Supported annotations: bool, int, float, str, Literal[...], X | None, tuple[X, ...], dict[str, Any], Any, a Block
 subclass (a nested block) and a union of Block subclasses that share a tag (the tag's value picks the class).
+
+Adding a key to a block is one field: ``report: bool = False`` (any type above), or with rules
+``revision: str | None = option(None, nonempty=True)``; a key of some sources only adds ``only=("hf",)``, one a
+source requires ``needs=(...)``. A nested block is a Block subclass used as the field's type
+(``push_to_hub: PushSpec | None = None``). Parsing, the error messages, ``to_dict`` and the schema follow.
 """
 
 from __future__ import annotations

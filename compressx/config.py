@@ -151,6 +151,11 @@ class Block:
         return tuple(rules_of(_layout(cls)[0][cls.tag]).allowed() or ()) if cls.tag else ()
 
     @classmethod
+    def describe(cls, tag_value: str) -> str | None:
+        """What the block is for one value of its tag (the schema's description of that variant)."""
+        return None
+
+    @classmethod
     def keys(cls) -> list[str]:
         """The block's top-level keys (nested mappings by their name)."""
         direct, groups = _layout(cls)
@@ -495,6 +500,8 @@ def _block_schema(cls: type[Block], defs: dict[str, Any]) -> dict[str, Any]:
         schema = _object_schema(fields, hints, defs, required)
         if tag_value is not None:
             schema["properties"][cls.tag] = {"const": tag_value}
+            if cls.describe(tag_value):
+                schema["description"] = cls.describe(tag_value)
         for group, members in groups.items():
             schema["properties"][group] = _object_schema(members, hints, defs, [])
         return schema

@@ -240,6 +240,10 @@ class DataSpec(Block):
     seq_len: int = option(512, ge=1, le=MAX_SEQ_LEN, expected=f"a positive integer <= {MAX_SEQ_LEN:,}")
     seed: int = seed_option()
 
+    @classmethod
+    def describe(cls, tag_value: str) -> str | None:
+        return {**TEXT_SOURCES, **MULTIMODAL_SOURCES}[tag_value].doc
+
     def __post_init__(self) -> None:
         splits = {**TEXT_SOURCES, **MULTIMODAL_SOURCES}[self.source].splits
         if splits and (self.split or "test") not in splits:

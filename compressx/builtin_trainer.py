@@ -48,142 +48,47 @@ from compressx.checkpoint import (
     join_tensors,
     json_digest,
     model_digest,
-    parse_checkpoint_spec,
     split_tensors,
 )
-from compressx.config import check_seed
-from compressx.errors import CheckpointError, ConfigError, unknown_key_message
-from compressx.images import ImageDataSpec, loader, parse_image_data_spec
+from compressx.config import Block, option, seed_option
+from compressx.errors import CheckpointError, ConfigError
+from compressx.images import ImageDataSpec, loader
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
-_KEYS = ("data", "epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "seed", "checkpoint")
-_OPTIMIZER_KEYS = ("name", "lr", "momentum", "weight_decay", "norm_weight_decay", "nesterov")
-_SCHEDULE_KEYS = ("name", "warmup_epochs")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSpec:
-    """A recipe's ``train:`` block."""
+class TrainSpec(Block):
+    """A recipe's ``train:`` block. ``optimizer: {...}`` and ``schedule: {...}`` are read into flat fields."""
 
-    data: ImageDataSpec
-    epochs: int
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    norm_weight_decay: float = 0.0
-    nesterov: bool = False
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    seed: int = 0
+    data: ImageDataSpec = option(missing="a train block needs 'data' (e.g. {source: digits, split: train})")
+    epochs: int = option(ge=1, missing="a train block needs 'epochs'")
+    batch_size: int = option(64, ge=1)
+    optimizer: str = option("sgd", group="optimizer", key="name", choices=OPTIMIZERS)
+    lr: float = option(0.1, group="optimizer", ge=1e-12)
+    momentum: float = option(0.9, group="optimizer", ge=0)
+    weight_decay: float = option(1e-4, group="optimizer", ge=0)
+    norm_weight_decay: float = option(0.0, group="optimizer", ge=0)
+    nesterov: bool = option(False, group="optimizer")
+    schedule: str = option("cosine", group="schedule", key="name", choices=SCHEDULES)
+    warmup_epochs: int = option(0, group="schedule", ge=0)
+    label_smoothing: float = option(0.0, ge=0, lt=1)
+    seed: int = seed_option()
     checkpoint: CheckpointSpec | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "data": self.data.to_dict(),
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "optimizer": {
-                "name": self.optimizer,
-                "lr": self.lr,
-                "momentum": self.momentum,
-                "weight_decay": self.weight_decay,
-                "norm_weight_decay": self.norm_weight_decay,
-                "nesterov": self.nesterov,
-            },
-            "schedule": {"name": self.schedule, "warmup_epochs": self.warmup_epochs},
-            "label_smoothing": self.label_smoothing,
-            "seed": self.seed,
-        }
-        if self.checkpoint is not None:
-            out["checkpoint"] = self.checkpoint.to_dict()
-        return out
+    def __post_init__(self) -> None:
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"got {self.warmup_epochs}; must be < epochs ({self.epochs})", "schedule.warmup_epochs")
 
     def fingerprint(self) -> str:
         """What decides the training's result: everything but where and how often checkpoints are written."""
         return json_digest({k: v for k, v in self.to_dict().items() if k != "checkpoint"})
 
 
-def _number(block: dict, key: str, default: float, path: str, low: float = 0.0) -> float:
-    value = block.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-        raise ConfigError(f"got {value!r}; expected a number >= {low:g}", path=f"{path}{key}")
-    return float(value)
-
-
-def _integer(block: dict, key: str, default: int | None, path: str, low: int) -> int:
-    value = block.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"got {value!r}; expected an integer >= {low}", path=f"{path}{key}")
-    return value
-
-
-def _mapping(block: Any, keys: tuple[str, ...], path: str) -> dict:
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping with keys {', '.join(keys)}, got {block!r}", path=path)
-    for key in block:
-        if key not in keys:
-            raise ConfigError(unknown_key_message(str(key), keys), path=f"{path}.{key}" if path else str(key))
-    return block
-
-
-def parse_train_spec(block: Any) -> TrainSpec:
-    """Validate a ``train:`` block; ``ConfigError.path`` is relative to it."""
-    block = _mapping(block, _KEYS, "")
-    if "data" not in block:
-        raise ConfigError("a train block needs 'data' (e.g. {source: digits, split: train})", path="data")
-    try:
-        data = parse_image_data_spec(block["data"])
-    except ConfigError as err:
-        raise ConfigError(err.detail, path=f"data.{err.path}" if err.path else "data") from err
-    if "epochs" not in block:
-        raise ConfigError("a train block needs 'epochs'", path="epochs")
-    optimizer = _mapping(block.get("optimizer", {}), _OPTIMIZER_KEYS, "optimizer")
-    schedule = _mapping(block.get("schedule", {}), _SCHEDULE_KEYS, "schedule")
-    name = optimizer.get("name", "sgd")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"got {name!r}; allowed: {', '.join(OPTIMIZERS)}", path="optimizer.name")
-    schedule_name = schedule.get("name", "cosine")
-    if schedule_name not in SCHEDULES:
-        raise ConfigError(f"got {schedule_name!r}; allowed: {', '.join(SCHEDULES)}", path="schedule.name")
-    nesterov = optimizer.get("nesterov", False)
-    if not isinstance(nesterov, bool):
-        raise ConfigError(f"got {nesterov!r}; expected true or false", path="optimizer.nesterov")
-    epochs = _integer(block, "epochs", None, "", 1)
-    warmup = _integer(schedule, "warmup_epochs", 0, "schedule.", 0)
-    if warmup >= epochs:
-        raise ConfigError(f"got {warmup}; must be < epochs ({epochs})", path="schedule.warmup_epochs")
-    smoothing = _number(block, "label_smoothing", 0.0, "")
-    if smoothing >= 1:
-        raise ConfigError(f"got {smoothing}; must be in [0, 1)", path="label_smoothing")
-    weight_decay = _number(optimizer, "weight_decay", 1e-4, "optimizer.")
-    checkpoint = None
-    if block.get("checkpoint") is not None:
-        try:
-            checkpoint = parse_checkpoint_spec(block["checkpoint"])
-        except ConfigError as err:
-            raise ConfigError(err.detail, path=f"checkpoint.{err.path}" if err.path else "checkpoint") from err
-    return TrainSpec(
-        data=data,
-        epochs=epochs,
-        batch_size=_integer(block, "batch_size", 64, "", 1),
-        optimizer=name,
-        lr=_number(optimizer, "lr", 0.1, "optimizer.", 1e-12),
-        momentum=_number(optimizer, "momentum", 0.9, "optimizer."),
-        weight_decay=weight_decay,
-        norm_weight_decay=_number(optimizer, "norm_weight_decay", 0.0, "optimizer."),
-        nesterov=nesterov,
-        schedule=schedule_name,
-        warmup_epochs=warmup,
-        label_smoothing=smoothing,
-        seed=check_seed(block.get("seed", 0)),
-        checkpoint=checkpoint,
-    )
+parse_train_spec = TrainSpec.from_dict  # the name callers know
 
 
 def learning_rate(spec: TrainSpec, iteration: int, per_epoch: int) -> float:

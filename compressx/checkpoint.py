@@ -27,12 +27,13 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from compressx.errors import CheckpointError, ConfigError, unknown_key_message
+from compressx.config import Block, option
+from compressx.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +42,28 @@ FORMAT = "compressx-checkpoint"
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-CHECKPOINT_KEYS = ("dir", "every")
 _ENTRY = re.compile(r"^(epoch-\d{4,}|step-\d{2,}-layer-\d{4,})$")
 _TEMP = re.compile(r"^\.tmp-(epoch-\d{4,}|step-\d{2,}-layer-\d{4,})-\d+$")
 _MARKER_TEMP = re.compile(rf"^\.{re.escape(MARKER)}\.tmp-\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointSpec:
-    """A ``checkpoint:`` block: where checkpoints go, and every how many epochs (training) they are written."""
+class LayerCheckpointSpec(Block):
+    """A recipe's top-level ``checkpoint:`` block: where layer-by-layer steps save each pruned layer."""
 
-    dir: str
-    every: int = 1
+    shape: ClassVar[str] = "{dir: ckpt/run}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"dir": self.dir, "every": self.every}
+    dir: str = option(nonempty=True, expected="a directory path (a non-empty string)")
 
 
-def parse_checkpoint_spec(block: Any, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> CheckpointSpec:
-    """Validate a ``checkpoint:`` block (``keys``: the keys allowed where it sits); ``ConfigError.path`` is
-    relative to the block."""
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping with keys {', '.join(keys)} (e.g. {{dir: ckpt/run}}), got {block!r}")
-    for key in block:
-        if key not in keys:
-            raise ConfigError(unknown_key_message(str(key), keys), path=str(key))
-    directory = block.get("dir")
-    if not isinstance(directory, str) or not directory.strip():
-        raise ConfigError(f"got {directory!r}; expected a directory path (a non-empty string)", path="dir")
-    every = block.get("every", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"got {every!r}; expected an integer >= 1 (epochs between checkpoints)", path="every")
-    return CheckpointSpec(directory, every)
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec(LayerCheckpointSpec):
+    """A ``train.checkpoint:`` block: where checkpoints go, and every how many epochs they are written."""
+
+    every: int = option(1, ge=1, expected="an integer >= 1 (epochs between checkpoints)")
+
+
+parse_checkpoint_spec = CheckpointSpec.from_dict  # the name callers know
 
 
 def json_digest(value: Any) -> str:

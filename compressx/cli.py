@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from compressx.errors import CompressxError
+from compressx.errors import CompressxError, ConfigError
 from compressx.registry import summarize_report
 
 log = logging.getLogger("compressx")
@@ -80,6 +80,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [[s.name, s.kind, ", ".join(s.families), s.paper] for s in specs]
     print(_table(rows, ["pass", "kind", "families", "paper"]))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from compressx.schema import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
     return 0
 
 
@@ -180,7 +187,11 @@ def _cmd_load(args: argparse.Namespace) -> int:
         evals = recorded_recipe.get("eval") if isinstance(recorded_recipe, dict) else None
         if not isinstance(evals, list | None):
             raise CompressxError(f"{args.dir}/recipe.yaml: eval is not a list of metrics")
-        specs = [parse_eval_spec(e) for e in evals or []]
+        for i, entry in enumerate(evals or []):
+            try:
+                specs.append(parse_eval_spec(entry))
+            except ConfigError as err:  # all its problems on the one error line
+                raise CompressxError(f"{args.dir}/recipe.yaml: {'; '.join(err.under(f'eval[{i}]').lines())}") from err
     if not specs:
         raise CompressxError(f"{args.dir} records no eval to re-run (it has no recipe.yaml with an eval list)")
     values = evaluate(model, load_tokenizer(args.dir), specs, progress=not args.no_progress)
@@ -233,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the registered passes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_list)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a recipe (for editors: docs/recipes.md)")
+    p.set_defaults(fn=_cmd_schema)
 
     p = sub.add_parser("show", help="print an export's manifest")
     p.add_argument("dir")

@@ -31,12 +31,13 @@ import os
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from compressx.config import check_seed
-from compressx.errors import CompressxError, ConfigError, DataError, unknown_key_message, unknown_name_message
+from compressx.config import Block, option, pick_block, seed_option
+from compressx.errors import CompressxError, ConfigError, DataError
+from compressx.images import ImageDataSpec
 
 SPLITS = ("train", "val", "test")
 # Bounds that keep a data block's token tensor (samples × seq_len int64 ids) within memory: 2**28 ids are 2 GiB.
@@ -139,26 +140,6 @@ def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """A recipe's data block (calibration data, or the data of an eval metric)."""
-
-    source: str
-    split: str | None = None
-    path: str | None = None
-    paths: tuple[str, ...] | None = None
-    text_field: str | None = None
-    data_files: str | None = None
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None
-        }
-
-
 def _read(path: str, key: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -212,61 +193,70 @@ def _hf_dataset_text(spec: DataSpec) -> str:
     return "\n\n".join(texts)
 
 
-# source name -> (keys allowed besides source/samples/seq_len/seed, required keys, text loader)
-TEXT_SOURCES: dict[str, tuple[set[str], set[str], Callable[[DataSpec], str]]] = {
-    "stdlib_text": ({"split"}, set(), lambda spec: stdlib_text(spec.split or "test")),
-    "pydoc_text": ({"split"}, set(), lambda spec: pydoc_text(spec.split or "test")),
-    "text_file": ({"path"}, {"path"}, lambda spec: _read(spec.path, "path")),
-    "text_files": ({"paths"}, {"paths"}, lambda spec: "\n\n".join(_read(f, "paths") for f in _expand(spec.paths))),
-    "hf_dataset": ({"path", "split", "text_field", "data_files"}, {"path"}, _hf_dataset_text),
-}
-_COMMON_KEYS = {"source", "samples", "seq_len", "seed"}
-# multimodal source name -> (keys allowed besides source/samples/seq_len/seed, required keys); seq_len is unused
-MULTIMODAL_SOURCES: dict[str, tuple[set[str], set[str]]] = {
-    "digits_vqa": ({"split"}, set()),
-    "image_prompts": ({"path"}, {"path"}),
-}
+class Source(NamedTuple):
+    """A data source: what it is, the splits it has (None: any the dataset has), and, for text, its text."""
+
+    doc: str
+    splits: tuple[str, ...] | None
+    load_text: Callable[[DataSpec], str] | None = None
 
 
-def parse_data_spec(block: Any) -> DataSpec:
-    """Validate a data block; errors carry the key path inside the block."""
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping with a 'source' key, got {block!r}")
-    source = block.get("source")
-    if not isinstance(source, str) or (source not in TEXT_SOURCES and source not in MULTIMODAL_SOURCES):
-        allowed = [*TEXT_SOURCES, *MULTIMODAL_SOURCES]
-        raise ConfigError(unknown_name_message("data source", str(source), allowed), path="source")
-    extra, required = TEXT_SOURCES[source][:2] if source in TEXT_SOURCES else MULTIMODAL_SOURCES[source]
-    for key in block:
-        if key not in _COMMON_KEYS | extra:
-            raise ConfigError(unknown_key_message(str(key), _COMMON_KEYS | extra), path=str(key))
-    for key in required - set(block):
-        raise ConfigError(f"data source '{source}' needs '{key}'", path=key)
-    for key, most in (("samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
-        value = block.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise ConfigError(f"got {value!r}; expected a positive integer <= {most:,}", path=key)
-    tokens = block.get("samples", DataSpec.samples) * block.get("seq_len", DataSpec.seq_len)
-    if source in TEXT_SOURCES and tokens > MAX_TOKENS:
-        raise ConfigError(f"samples × seq_len = {tokens:,} tokens; at most {MAX_TOKENS:,} are allowed", path="samples")
-    check_seed(block.get("seed", 0))
-    for key in ("path", "split", "text_field", "data_files"):
-        if key in block and not isinstance(block[key], str):
-            raise ConfigError(f"got {block[key]!r}; expected a string", path=key)
-    if source in ("stdlib_text", "pydoc_text", "digits_vqa") and block.get("split", "test") not in SPLITS:
-        raise ConfigError(f"got {block['split']!r}; allowed: {', '.join(SPLITS)}", path="split")
-    if source == "text_file" and not os.path.isfile(block["path"]):
-        raise ConfigError(f"no such file {block['path']!r}", path="path")
-    if source == "text_files":
-        paths = block["paths"]
-        if isinstance(paths, str):
-            paths = [paths]
-        if not isinstance(paths, list | tuple) or not paths or not all(isinstance(p, str) for p in paths):
-            raise ConfigError(f"got {paths!r}; expected a list of file paths or globs", path="paths")
-        block = dict(block, paths=tuple(paths))
-    spec = DataSpec(**block)
-    _check_text_length(spec)
-    return spec
+TEXT_SOURCES: dict[str, Source] = {
+    "stdlib_text": Source("the Python standard library's .py files", SPLITS, lambda s: stdlib_text(s.split or "test")),
+    "pydoc_text": Source("English prose of pydoc_data.topics", SPLITS, lambda s: pydoc_text(s.split or "test")),
+    "text_file": Source("a local UTF-8 text file (path)", None, lambda s: _read(s.path, "path")),
+    "text_files": Source(
+        "local text files (paths: files or globs), joined in order",
+        None,
+        lambda s: "\n\n".join(_read(f, "paths") for f in _expand(s.paths)),
+    ),
+    "hf_dataset": Source("a local Hugging Face dataset (needs the datasets package)", None, _hf_dataset_text),
+}
+# multimodal sources give model-input mappings (load_calibration); seq_len is unused
+MULTIMODAL_SOURCES: dict[str, Source] = {
+    "digits_vqa": Source("visual questions about scikit-learn's digits (zoo llava_digits)", SPLITS),
+    "image_prompts": Source("a local JSON-lines file of {image, prompt} (path)", None),
+}
+_PATH_SOURCES = ("text_file", "hf_dataset", "image_prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec(Block):
+    """A recipe's data block of text or multimodal prompts (calibration data, or the data of an eval metric)."""
+
+    tag: ClassVar[str] = "source"
+    shape: ClassVar[str] = "{source: stdlib_text, split: train}"
+
+    source: str = option(choices=(*TEXT_SOURCES, *MULTIMODAL_SOURCES), what="data source")
+    split: str | None = option(None, only=("stdlib_text", "pydoc_text", "hf_dataset", "digits_vqa"))
+    path: str | None = option(None, only=_PATH_SOURCES, needs=_PATH_SOURCES, expected="a path (a string)")
+    paths: tuple[str, ...] | None = option(
+        None, only=("text_files",), needs=("text_files",), nonempty=True, one_or_many=True,
+        expected="a list of file paths or globs",
+    )  # fmt: skip
+    text_field: str | None = option(None, only=("hf_dataset",), doc="the column holding the text (default text)")
+    data_files: str | None = option(None, only=("hf_dataset",))
+    samples: int = option(128, ge=1, le=MAX_SAMPLES, expected=f"a positive integer <= {MAX_SAMPLES:,}")
+    seq_len: int = option(512, ge=1, le=MAX_SEQ_LEN, expected=f"a positive integer <= {MAX_SEQ_LEN:,}")
+    seed: int = seed_option()
+
+    @classmethod
+    def describe(cls, tag_value: str) -> str | None:
+        return {**TEXT_SOURCES, **MULTIMODAL_SOURCES}[tag_value].doc
+
+    def __post_init__(self) -> None:
+        splits = {**TEXT_SOURCES, **MULTIMODAL_SOURCES}[self.source].splits
+        if splits and (self.split or "test") not in splits:
+            raise ConfigError(f"got {self.split!r}; allowed: {', '.join(splits)}", path="split")
+        tokens = self.samples * self.seq_len
+        if self.source in TEXT_SOURCES and tokens > MAX_TOKENS:
+            raise ConfigError(f"samples × seq_len = {tokens:,} tokens; at most {MAX_TOKENS:,} are allowed", "samples")
+        if self.source == "text_file" and not os.path.isfile(self.path):
+            raise ConfigError(f"no such file {self.path!r}", path="path")
+        _check_text_length(self)
+
+
+parse_data_spec = DataSpec.from_dict  # the name callers know
 
 
 def _check_text_length(spec: DataSpec) -> None:
@@ -306,25 +296,24 @@ def _check_text_length(spec: DataSpec) -> None:
 
 def load_tokens(spec: DataSpec, tokenizer: Any) -> torch.Tensor:
     """The ``[samples, seq_len]`` token tensor a data block describes, tokenised with ``tokenizer.encode``."""
-    text = TEXT_SOURCES[spec.source][2](spec)
+    text = TEXT_SOURCES[spec.source].load_text(spec)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     return sample_windows(ids, spec.samples, spec.seq_len, spec.seed)
 
 
-def parse_calibration_spec(block: Any) -> Any:
+CalibrationSpec = DataSpec | ImageDataSpec  # a calibration block: text, multimodal prompts or images, by source
+
+
+def parse_calibration_spec(block: Any) -> DataSpec | ImageDataSpec:
     """A calibration block: a text / multimodal ``DataSpec``, or an ``ImageDataSpec`` for an image source
     (``digits``, ``image_folder``: calibration images for post-training quantization of vision models)."""
-    from compressx.images import IMAGE_SOURCES, parse_image_data_spec
-
-    if isinstance(block, dict) and block.get("source") in IMAGE_SOURCES:
-        return parse_image_data_spec(block)
-    return parse_data_spec(block)
+    return pick_block(block, (DataSpec, ImageDataSpec)).from_dict(block)
 
 
 def load_calibration(spec: Any, tokenizer: Any) -> Any:
     """Calibration data of a block: a token tensor (text sources), a list of model inputs (multimodal ones) or an
     ``(image, label)`` dataset (image sources)."""
-    from compressx.images import ImageDataSpec, image_dataset
+    from compressx.images import image_dataset
 
     if isinstance(spec, ImageDataSpec):
         return image_dataset(spec)

@@ -15,25 +15,42 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from compressx.data import DataSpec, load_tokens, parse_data_spec
-from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
-from compressx.images import ImageDataSpec, parse_image_data_spec, top1
+from compressx.config import Block, option
+from compressx.data import DataSpec, load_tokens
+from compressx.errors import CompressxError, ConfigError
+from compressx.images import ImageDataSpec, top1
 from compressx.layerwise import execution_device
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-    """One entry of a recipe's eval list."""
+def _metrics_with_data() -> tuple[str, ...]:
+    return tuple(name for name, metric in METRICS.items() if metric.data is not None)
 
-    metric: str
-    data: DataSpec | ImageDataSpec
-    batch_size: int = 8
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec(Block):
+    """One entry of a recipe's eval list; ``metric`` picks which keys apply (a metric of ``METRICS`` with a data
+    class reads ``data``)."""
+
+    tag: ClassVar[str] = "metric"
+    shape: ClassVar[str] = "{metric: perplexity, data: {...}}"
+
+    metric: str = option(choices=lambda: tuple(METRICS), what="metric")
+    data: DataSpec | ImageDataSpec | None = option(
+        None, only=_metrics_with_data, needs=_metrics_with_data, doc="the data the metric runs on"
+    )
+    batch_size: int = option(8, ge=1, expected="a positive integer")
+
+    def __post_init__(self) -> None:
+        reads = METRICS[self.metric].data
+        if reads is not None and not isinstance(self.data, reads):
+            message = f"metric '{self.metric}' reads source {', '.join(reads.tag_values())}, not '{self.data.source}'"
+            raise ConfigError(message, path="data.source")
 
     @property
     def label(self) -> str:
@@ -43,9 +60,6 @@ class EvalSpec:
         if self.metric == "vqa_accuracy":
             return f"{self.metric} ({self.data.source}{split}, {self.data.samples} questions)"
         return f"{self.metric} ({self.data.source}{split}, {self.data.samples}x{self.data.seq_len})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "data": self.data.to_dict(), "batch_size": self.batch_size}
 
 
 @torch.no_grad()
@@ -84,37 +98,24 @@ def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool
     return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
 
 
-# metric name -> (model families it applies to, runner, parser of its data block)
-METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float], Callable[[Any], Any]]] = {
-    "perplexity": (("llm",), _run_perplexity, parse_data_spec),
-    "vqa_accuracy": (("mllm",), _run_vqa_accuracy, parse_data_spec),
-    "top1": (("cnn", "vit", "any"), _run_top1, parse_image_data_spec),
+class Metric(NamedTuple):
+    """A metric: the model families it applies to, how it runs, and the data block it reads."""
+
+    families: tuple[str, ...]
+    run: Callable[[Any, Any, EvalSpec, bool], float]
+    data: type[DataSpec] | type[ImageDataSpec] | None  # None: the metric reads no data block
+
+
+METRICS: dict[str, Metric] = {
+    "perplexity": Metric(("llm",), _run_perplexity, DataSpec),
+    "vqa_accuracy": Metric(("mllm",), _run_vqa_accuracy, DataSpec),
+    "top1": Metric(("cnn", "vit", "any"), _run_top1, ImageDataSpec),
 }
-_KEYS = {"metric", "data", "batch_size"}
-
-
-def parse_eval_spec(block: Any) -> EvalSpec:
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping like {{metric: perplexity, data: {{...}}}}, got {block!r}")
-    for key in block:
-        if key not in _KEYS:
-            raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
-    if not isinstance(block.get("metric"), str) or block["metric"] not in METRICS:
-        raise ConfigError(unknown_name_message("metric", str(block.get("metric")), METRICS), path="metric")
-    if "data" not in block:
-        raise ConfigError("a metric needs a 'data' block", path="data")
-    try:
-        data = METRICS[block["metric"]][2](block["data"])
-    except ConfigError as err:
-        raise ConfigError(err.detail, path=f"data.{err.path}" if err.path else "data") from err
-    batch_size = block.get("batch_size", 8)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"got {batch_size!r}; expected a positive integer", path="batch_size")
-    return EvalSpec(metric=block["metric"], data=data, batch_size=batch_size)
+parse_eval_spec = EvalSpec.from_dict  # the name callers know
 
 
 def check_metric_applies(spec: EvalSpec, family: str) -> str | None:
-    families = METRICS[spec.metric][0]
+    families = METRICS[spec.metric].families
     if family not in families:
         return f"metric '{spec.metric}' applies to {', '.join(families)} models, not to this {family} model"
     return None
@@ -122,4 +123,4 @@ def check_metric_applies(spec: EvalSpec, family: str) -> str | None:
 
 def evaluate(model: Any, tokenizer: Any, specs: list[EvalSpec], progress: bool = True) -> dict[str, float]:
     """Run every metric; returns label → value."""
-    return {spec.label: METRICS[spec.metric][1](model, tokenizer, spec, progress) for spec in specs}
+    return {spec.label: METRICS[spec.metric].run(model, tokenizer, spec, progress) for spec in specs}

@@ -16,80 +16,60 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import ClassVar
 
 import torch
 
-from compressx.config import check_seed
-from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
+from compressx.config import Block, option, seed_option
+from compressx.errors import CompressxError, ConfigError
 
 IMAGE_SOURCES = ("digits", "image_folder")
-_KEYS = {
-    "digits": {"source", "split", "train_images", "noise", "seed"},
-    "image_folder": {"source", "split", "path", "image_size", "augment"},
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_TRAIN_IMAGES = 1257  # the training part of the fixed digits split
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageDataSpec:
+class ImageDataSpec(Block):
     """An image dataset block."""
 
-    source: str
-    split: str = "train"
-    train_images: int | None = None
-    noise: float = 0.0
-    seed: int = 0
-    path: str | None = None
-    image_size: int = 224
-    augment: bool | None = None  # image_folder: random-resized crop + flip; default: for the train split only
+    tag: ClassVar[str] = "source"
+    shape: ClassVar[str] = "{source: digits, split: train}"
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k in _KEYS[self.source] and v is not None}
-        return out
+    source: str = option(choices=IMAGE_SOURCES, what="image data source")
+    split: str = option("train", nonempty=True, expected="a split directory name")
+    train_images: int | None = option(None, only=("digits",), expected="a positive integer")
+    noise: float = option(0.0, only=("digits",), ge=0)
+    seed: int = seed_option(only=("digits",))
+    path: str | None = option(
+        None,
+        only=("image_folder",),
+        needs=("image_folder",),
+        doc="the dataset root holding one directory per split",
+    )
+    image_size: int = option(224, only=("image_folder",), ge=8)
+    # image_folder: random-resized crop + flip; default: for the train split only
+    augment: bool | None = option(None, only=("image_folder",))
+
+    def __post_init__(self) -> None:
+        if self.source == "digits" and self.split not in ("train", "test"):
+            raise ConfigError(f"got {self.split!r}; allowed: train, test", path="split")
+        if self.train_images is not None and self.split != "train":
+            raise ConfigError(
+                "train_images subsets the train split only; the test split is used whole", "train_images"
+            )
+        if self.train_images is not None and not 10 <= self.train_images <= DIGITS_TRAIN_IMAGES:
+            raise ConfigError(
+                f"got {self.train_images}; the digits training part has {DIGITS_TRAIN_IMAGES} images (10 at least)",
+                "train_images",
+            )
 
     @property
     def label(self) -> str:
         return f"{self.source}/{self.split}"
 
 
-def parse_image_data_spec(block: Any) -> ImageDataSpec:
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping like {{source: digits, split: train}}, got {block!r}")
-    source = block.get("source")
-    if source not in IMAGE_SOURCES:
-        raise ConfigError(unknown_name_message("image data source", str(source), IMAGE_SOURCES), path="source")
-    for key in block:
-        if key not in _KEYS[source]:
-            raise ConfigError(unknown_key_message(str(key), _KEYS[source]), path=str(key))
-    split = block.get("split", "train")
-    if source == "digits" and split not in ("train", "test"):
-        raise ConfigError(f"got {split!r}; allowed: train, test", path="split")
-    if not isinstance(split, str) or not split:
-        raise ConfigError(f"got {split!r}; expected a split directory name", path="split")
-    train_images = block.get("train_images")
-    if train_images is not None and (isinstance(train_images, bool) or not isinstance(train_images, int)):
-        raise ConfigError(f"got {train_images!r}; expected a positive integer", path="train_images")
-    if train_images is not None and split != "train":
-        raise ConfigError("train_images subsets the train split only; the test split is used whole", "train_images")
-    if train_images is not None and not 10 <= train_images <= 1257:
-        raise ConfigError(
-            f"got {train_images}; the digits training part has 1257 images (10 at least)", "train_images"
-        )
-    noise = block.get("noise", 0.0)
-    if isinstance(noise, bool) or not isinstance(noise, int | float) or noise < 0:
-        raise ConfigError(f"got {noise!r}; expected a number >= 0", path="noise")
-    seed = check_seed(block.get("seed", 0))
-    if source == "image_folder" and not isinstance(block.get("path"), str):
-        raise ConfigError("image_folder needs 'path': the dataset root holding one directory per split", "path")
-    image_size = block.get("image_size", 224)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ConfigError(f"got {image_size!r}; expected an integer >= 8", path="image_size")
-    augment = block.get("augment")
-    if augment is not None and not isinstance(augment, bool):
-        raise ConfigError(f"got {augment!r}; expected true or false", path="augment")
-    return ImageDataSpec(source, split, train_images, float(noise), seed, block.get("path"), image_size, augment)
+parse_image_data_spec = ImageDataSpec.from_dict  # the name callers know
 
 
 def digits_tensors(spec: ImageDataSpec) -> tuple[torch.Tensor, torch.Tensor]:

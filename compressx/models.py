@@ -18,12 +18,13 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from compressx.errors import CompressxError, ConfigError, unknown_key_message
+from compressx.config import Block, option
+from compressx.errors import CompressxError, ConfigError
 from compressx.gguf_files import as_dense_checkpoint, gguf_architecture, gguf_path
 
 SOURCES = ("hf", "timm", "diffusers", "zoo")
@@ -31,18 +32,34 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Block):
     """A recipe's model block."""
 
-    source: str
-    id: str
-    dtype: str = "float32"
-    cls: str | None = None  # ``class:`` in YAML (hf only)
-    pretrained: bool = True  # timm / zoo: False builds freshly initialised weights (training from scratch, tests)
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    gguf_file: str | None = None  # hf only: a GGUF checkpoint in the directory / hub repo ``id``
+    tag: ClassVar[str] = "source"
+    shape: ClassVar[str] = "{source: zoo, id: llama_byte_1m}"
+
+    source: str = option(choices=SOURCES)
+    id: str = option(nonempty=True, expected="a hub id, local directory or name")
+    dtype: str = option("float32", choices=tuple(DTYPES))
+    cls: str | None = option(None, key="class", only=("hf",), nonempty=True, expected="a transformers class name")
+    # timm / zoo: False builds freshly initialised weights (training from scratch, tests)
+    pretrained: bool = option(True, only=("timm", "zoo"))
+    kwargs: dict[str, Any] = option(
+        default_factory=dict,
+        expected="a mapping of keyword arguments (name: value)",
+        doc="keyword arguments of the loader (sources hf, timm, diffusers)",
+    )
+    # hf only: a GGUF checkpoint in the directory / hub repo ``id``
+    gguf_file: str | None = option(None, only=("hf",), nonempty=True, expected="the name of a .gguf file in 'id'")
+
+    def __post_init__(self) -> None:
+        if self.kwargs and self.source == "zoo":
+            raise ConfigError(
+                "a zoo model takes no keyword arguments: 'kwargs' applies to sources hf, timm, diffusers", "kwargs"
+            )
 
     def to_dict(self) -> dict[str, Any]:
+        # ``pretrained`` only where it is not the default: the mapping is part of a run's fingerprint (resume)
         out: dict[str, Any] = {"source": self.source, "id": self.id, "dtype": self.dtype}
         if self.cls:
             out["class"] = self.cls
@@ -55,48 +72,7 @@ class ModelSpec:
         return out
 
 
-_KEYS = {"source", "id", "dtype", "class", "pretrained", "kwargs", "gguf_file"}
-
-
-def parse_model_spec(block: Any) -> ModelSpec:
-    if not isinstance(block, dict):
-        raise ConfigError(f"expected a mapping like {{source: zoo, id: llama_byte_1m}}, got {block!r}")
-    for key in block:
-        if key not in _KEYS:
-            raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
-    if block.get("source") not in SOURCES:
-        raise ConfigError(f"got {block.get('source')!r}; allowed: {', '.join(SOURCES)}", path="source")
-    if not isinstance(block.get("id"), str) or not block["id"]:
-        raise ConfigError(f"got {block.get('id')!r}; expected a hub id, local directory or name", path="id")
-    dtype = block.get("dtype", "float32")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ConfigError(f"got {dtype!r}; allowed: {', '.join(DTYPES)}", path="dtype")
-    if "class" in block and block["source"] != "hf":
-        raise ConfigError("'class' applies to source hf only", path="class")
-    if "class" in block and (not isinstance(block["class"], str) or not block["class"]):
-        raise ConfigError(f"got {block['class']!r}; expected a transformers class name", path="class")
-    if "pretrained" in block and (block["source"] not in ("timm", "zoo") or not isinstance(block["pretrained"], bool)):
-        raise ConfigError("'pretrained' is true/false and applies to sources timm and zoo", path="pretrained")
-    if "kwargs" in block and block["source"] == "zoo":
-        raise ConfigError(
-            "a zoo model takes no keyword arguments: 'kwargs' applies to sources hf, timm, diffusers", "kwargs"
-        )
-    if "gguf_file" in block and block["source"] != "hf":
-        raise ConfigError("'gguf_file' applies to source hf only", path="gguf_file")
-    if "gguf_file" in block and (not isinstance(block["gguf_file"], str) or not block["gguf_file"]):
-        raise ConfigError(f"got {block['gguf_file']!r}; expected the name of a .gguf file in 'id'", path="gguf_file")
-    kwargs = block.get("kwargs", {})
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise ConfigError(f"got {kwargs!r}; expected a mapping of keyword arguments (name: value)", path="kwargs")
-    return ModelSpec(
-        source=block["source"],
-        id=block["id"],
-        dtype=block.get("dtype", "float32"),
-        cls=block.get("class"),
-        pretrained=block.get("pretrained", True),
-        kwargs=dict(block.get("kwargs", {})),
-        gguf_file=block.get("gguf_file"),
-    )
+parse_model_spec = ModelSpec.from_dict  # the name callers know
 
 
 @dataclasses.dataclass

@@ -38,40 +38,57 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException, UnsupportedInterpolationType
 
-from compressx.builtin_trainer import TrainSpec, parse_train_spec
-from compressx.checkpoint import CheckpointSpec, check_checkpoint_dir, json_digest, parse_checkpoint_spec
-from compressx.data import DataSpec, parse_calibration_spec
+from compressx.builtin_trainer import TrainSpec
+from compressx.checkpoint import LayerCheckpointSpec, check_checkpoint_dir, json_digest
+from compressx.config import Block, option
+from compressx.data import CalibrationSpec
 from compressx.engine import StepSpec, parse_step
 from compressx.errors import CompressxError, ConfigError, RecipeError, unknown_key_message
-from compressx.evaluate import EvalSpec, parse_eval_spec
-from compressx.images import ImageDataSpec
-from compressx.models import ModelSpec, parse_model_spec
+from compressx.evaluate import EvalSpec
+from compressx.models import ModelSpec
 from compressx.registry import get_pass
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
-EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
-DATA_KEYS = ("calibration",)
+
+
+def _sparse_formats() -> tuple[str, ...]:
+    from compressx.sparse_export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
+
+    return tuple(SPARSE_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportSpec:
+class ExportSpec(Block):
     """Where to export, and whether to also write the sparse weights bitmask-packed (``docs/export.md``)."""
 
-    dir: str
+    dir: str = option(nonempty=True)
     overwrite: bool = False
-    sparse_format: str = "none"
+    sparse_format: str = option("none", choices=_sparse_formats)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> ExportSpec:
+        if not isinstance(values, dict) or not isinstance(values.get("dir"), str) or not values["dir"].strip():
+            raise ConfigError(f"expected {{dir: <directory>}}, got {values!r}")
+        return super().from_dict(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBlock(Block):
+    """A recipe's ``data:`` block."""
+
+    calibration: CalibrationSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     steps: tuple[StepSpec, ...]
     model: ModelSpec | None = None
-    calibration: DataSpec | ImageDataSpec | None = None
+    calibration: CalibrationSpec | None = None
     eval: tuple[EvalSpec, ...] = ()
     export: ExportSpec | None = None
     source: str = "<recipe>"
     train: TrainSpec | None = None
-    checkpoint: CheckpointSpec | None = None  # per-layer checkpoints of layer-by-layer steps (--resume)
+    checkpoint: LayerCheckpointSpec | None = None  # per-layer checkpoints of layer-by-layer steps (--resume)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), as written to an export's ``recipe.yaml``."""
@@ -86,9 +103,9 @@ class Recipe:
         if self.eval:
             out["eval"] = [e.to_dict() for e in self.eval]
         if self.export:
-            out["export"] = dataclasses.asdict(self.export)
+            out["export"] = self.export.to_dict()
         if self.checkpoint:
-            out["checkpoint"] = {"dir": self.checkpoint.dir}
+            out["checkpoint"] = self.checkpoint.to_dict()
         return out
 
 
@@ -110,19 +127,10 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     for key in raw:
         if key not in TOP_KEYS:
             problems.append(f"{key}: {unknown_key_message(str(key), TOP_KEYS)}")
-    model = block("model", parse_model_spec, raw["model"]) if "model" in raw else None
+    model = block("model", ModelSpec.from_dict, raw["model"]) if "model" in raw else None
 
-    calibration = None
-    data = raw.get("data")
-    if data is not None:
-        if not isinstance(data, dict):
-            problems.append(f"data: expected a mapping with key 'calibration', got {data!r}")
-        else:
-            for key in data:
-                if key not in DATA_KEYS:
-                    problems.append(f"data.{key}: {unknown_key_message(str(key), DATA_KEYS)}")
-            if "calibration" in data:
-                calibration = block("data.calibration", parse_calibration_spec, data["calibration"])
+    data = block("data", DataBlock.from_dict, raw["data"]) if raw.get("data") is not None else None
+    calibration = data.calibration if data else None
 
     steps: list[StepSpec] = []
     raw_steps = raw.get("steps")
@@ -135,7 +143,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             except ConfigError as err:
                 problems.extend(err.lines())
 
-    train = block("train", parse_train_spec, raw["train"]) if raw.get("train") is not None else None
+    train = block("train", TrainSpec.from_dict, raw["train"]) if raw.get("train") is not None else None
     kinds = [get_pass(s.pass_name).kind for s in steps]
     training = [i for i, kind in enumerate(kinds) if kind == "training"]
     if training and (len(training) > 1 or training[0] != len(steps) - 1):
@@ -153,44 +161,18 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         problems.append("eval: expected a list of {metric, data} mappings")
     else:
         for i, entry in enumerate(raw_eval):
-            parsed = block(f"eval[{i}]", parse_eval_spec, entry)
+            parsed = block(f"eval[{i}]", EvalSpec.from_dict, entry)
             if parsed:
                 evals.append(parsed)
 
-    export = None
-    raw_export = raw.get("export")
-    if raw_export is not None:
-        if not isinstance(raw_export, dict) or not isinstance(raw_export.get("dir"), str) or not raw_export["dir"]:
-            problems.append(f"export: expected {{dir: <directory>}}, got {raw_export!r}")
-        else:
-            for key in raw_export:
-                if key not in EXPORT_KEYS:
-                    problems.append(f"export.{key}: {unknown_key_message(str(key), EXPORT_KEYS)}")
-            if not isinstance(raw_export.get("overwrite", False), bool):
-                problems.append("export.overwrite: expected true or false")
-            from compressx.sparse_export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
-
-            sparse_format = raw_export.get("sparse_format", "none")
-            if not isinstance(sparse_format, str) or sparse_format not in SPARSE_FORMATS:
-                problems.append(f"export.sparse_format: got {sparse_format!r}; allowed: {', '.join(SPARSE_FORMATS)}")
-            export = ExportSpec(
-                dir=raw_export["dir"],
-                overwrite=bool(raw_export.get("overwrite", False)),
-                sparse_format=str(sparse_format),
-            )
-
+    export = block("export", ExportSpec.from_dict, raw["export"]) if raw.get("export") is not None else None
     checkpoint = None
     if raw.get("checkpoint") is not None:
-        checkpoint = block("checkpoint", parse_layer_checkpoint_spec, raw["checkpoint"])
+        checkpoint = block("checkpoint", LayerCheckpointSpec.from_dict, raw["checkpoint"])
 
     if problems:
         raise RecipeError(problems, source)
     return Recipe(tuple(steps), model, calibration, tuple(evals), export, source, train, checkpoint)
-
-
-def parse_layer_checkpoint_spec(block: Any) -> CheckpointSpec:
-    """The top-level ``checkpoint: {dir: ...}``: where layer-by-layer steps save each pruned layer."""
-    return parse_checkpoint_spec(block, keys=("dir",))
 
 
 def recipe_fingerprint(recipe: Recipe) -> dict[str, str]:
@@ -363,6 +345,11 @@ def _apply_override(cfg: Any, override: str) -> None:
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override (omegaconf dotlist, e.g. ``steps.0.config.sparsity=0.6``) and validate a recipe file."""
+    return parse_recipe(read_recipe(path, overrides), str(path))
+
+
+def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """A recipe file's contents, overridden and resolved (interpolations filled in), not yet validated."""
     source = str(path)
     text = _read_recipe_text(path)
     try:
@@ -393,4 +380,4 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     except OmegaConfBaseException as err:
         where = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
         raise RecipeError([f"{where}cannot resolve: {_omegaconf_message(err)}"], source) from err
-    return parse_recipe(raw, source)
+    return raw

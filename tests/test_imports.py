@@ -161,7 +161,7 @@ LAYERS: dict[str, int] = {
     "engine": 2,
     **dict.fromkeys(["passes.*", "layerwise", "training"], 3),  # the passes and what several share
     **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "builtin_trainer"], 4),
-    "recipe": 5,  # the recipe file format
+    **dict.fromkeys(["recipe", "schema"], 5),  # the recipe file format and its JSON Schema
     **dict.fromkeys(["export", "quant_export"], 6),
     "runner": 7,
     **dict.fromkeys(["cli", "__main__", "api", ""], 8),  # the CLI and the public facade (compressx, compressx.api)

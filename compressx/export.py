@@ -51,7 +51,7 @@ from compressx.atomic import LockBusy, exchange, fsync_dir, fsync_tree, rename_n
 from compressx.errors import CompressxError, ExportError
 from compressx.ops.packing import pack_bitmask, pack_nm, pack_zero_signs, unpack_bitmask, unpack_nm
 from compressx.ops.sparsity import is_nm_sparse
-from compressx.registry import get_pass, summarize_report
+from compressx.registry import get_pass
 
 log = logging.getLogger(__name__)
 
@@ -202,27 +202,10 @@ def _write_nm_packed(tensors: dict[str, torch.Tensor], patterns: dict[str, str],
 
 
 def _model_card(manifest: dict[str, Any]) -> str:
-    lines = ["---", "library_name: compressx", "tags: [compressx, compression]", "---", ""]
-    source = manifest.get("source") or {}
-    lines += [f"# Compressed {manifest['model']['class']}", ""]
-    if source:
-        gguf = f", GGUF file `{source['gguf_file']}` dequantized" if source.get("gguf_file") else ""
-        lines += [f"Base model: `{source.get('source')}:{source.get('id')}`{gguf}.", ""]
-    if manifest["model"].get("note"):
-        lines += [f"Note: {manifest['model']['note']}.", ""]
-    lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]
-    for i, step in enumerate(manifest["steps"]):
-        brief = summarize_report(step["report"])
-        lines.append(f"{i + 1}. `{step['pass']}` ({step['kind']}) with `{json.dumps(step['config'])}` — {brief}")
-    ev = manifest.get("eval") or {}
-    if ev.get("before") or ev.get("after"):
-        lines += ["", "| metric | before | after |", "|---|---|---|"]
-        for label in ev.get("after", {}):
-            lines.append(
-                f"| {label} | {ev.get('before', {}).get(label, float('nan')):.4f} | {ev['after'][label]:.4f} |"
-            )
-    lines += ["", "Reload with `compressx.load(dir)`; `compressx show dir` prints the manifest.", ""]
-    return "\n".join(lines)
+    """The model card (``compressx.model_card``); ``manifest`` also carries ``recipe`` and ``file_sizes``."""
+    from compressx.model_card import model_card_text
+
+    return model_card_text(manifest)
 
 
 def save(
@@ -392,7 +375,9 @@ def _write_export(
     }
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    (tmp / "README.md").write_text(_model_card(manifest))
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+    card_inputs = {**manifest, "recipe": recipe.to_dict() if recipe is not None else None, "file_sizes": sizes}
+    (tmp / "README.md").write_text(_model_card(card_inputs))
     # Every file but the manifest is hashed, so load can verify all it reads and overwrite knows what it wrote.
     files: dict[str, str] = {}
     for path in sorted(tmp.rglob("*")):

@@ -279,6 +279,7 @@ class RunResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     export_dir: str | None
+    pushed: Any = None  # the PushResult when the export block pushes to the Hub
 
 
 def is_main_process() -> bool:
@@ -400,4 +401,16 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
             overwrite=overwrite or recipe.export.overwrite,
             sparse_format=recipe.export.sparse_format,
         )
-    return RunResult(loaded.model, result, before, after, export_dir)
+    pushed = None
+    if export_dir and recipe.export.push_to_hub:  # only a written export, verified again by push_to_hub
+        from compressx.push import push_to_hub
+
+        spec = recipe.export.push_to_hub
+        pushed = push_to_hub(
+            export_dir,
+            spec.repo_id,
+            private=spec.private,
+            revision=spec.revision,
+            commit_message=spec.commit_message,
+        )
+    return RunResult(loaded.model, result, before, after, export_dir, pushed)

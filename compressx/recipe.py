@@ -46,13 +46,14 @@ from compressx.errors import CompressxError, ConfigError, RecipeError, TargetErr
 from compressx.evaluate import EvalSpec, check_metric_applies, parse_eval_spec
 from compressx.images import ImageDataSpec
 from compressx.models import ModelSpec, build_model, parse_model_spec
+from compressx.push import PushSpec, parse_push_spec, token_problem
 from compressx.registry import PassSpec, get_pass
 from compressx.targets import select_step_targets, unsupported_problems
 from compressx.trainer import TrainSpec, parse_train_spec
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
 STEP_KEYS = ("pass", "targets", "ignore", "config")
-EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
+EXPORT_KEYS = ("dir", "overwrite", "sparse_format", "push_to_hub")
 DATA_KEYS = ("calibration",)
 
 
@@ -82,6 +83,7 @@ class ExportSpec:
     dir: str
     overwrite: bool = False
     sparse_format: str = "none"
+    push_to_hub: PushSpec | None = None  # upload the export, once written and verified (compressx.push)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,7 @@ class Recipe:
         if self.eval:
             out["eval"] = [e.to_dict() for e in self.eval]
         if self.export:
-            out["export"] = dataclasses.asdict(self.export)
+            out["export"] = {k: v for k, v in dataclasses.asdict(self.export).items() if v is not None}
         if self.checkpoint:
             out["checkpoint"] = {"dir": self.checkpoint.dir}
         return out
@@ -243,10 +245,14 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             sparse_format = raw_export.get("sparse_format", "none")
             if not isinstance(sparse_format, str) or sparse_format not in SPARSE_FORMATS:
                 problems.append(f"export.sparse_format: got {sparse_format!r}; allowed: {', '.join(SPARSE_FORMATS)}")
+            push = None
+            if raw_export.get("push_to_hub") is not None:
+                push = block("export.push_to_hub", parse_push_spec, raw_export["push_to_hub"])
             export = ExportSpec(
                 dir=raw_export["dir"],
                 overwrite=bool(raw_export.get("overwrite", False)),
                 sparse_format=str(sparse_format),
+                push_to_hub=push,
             )
 
     checkpoint = None
@@ -539,6 +545,10 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         problem = check_export_target(recipe.export, overwrite)
         if problem:
             problems.append(problem)
+    if recipe.export and recipe.export.push_to_hub:
+        problem = token_problem()
+        if problem:
+            problems.append(f"export.push_to_hub: {problem}")
     problems += check_checkpoint_dirs(recipe)
     if recipe.model is None:
         problems.append("model: a recipe run from the CLI needs a model block")

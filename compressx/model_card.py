@@ -232,8 +232,13 @@ def render(manifest: dict[str, Any], recipe: dict[str, Any] | None = None, file_
         model_name=name if results else None,
         eval_results=results or None,
     )
-    described = f"`{source.get('source')}:{source.get('id')}`" if source else f"a `{model['class']}`"
-    lines = [f"# {name}", "", f"{described[0].upper()}{described[1:]} compressed with [compressx](https://github.com/compressx/compressx).", ""]
+    described = f"`{source.get('source')}:{source.get('id')}`" if source else f"A `{model['class']}`"
+    lines = [
+        f"# {name}",
+        "",
+        f"{described} compressed with [compressx](https://github.com/compressx/compressx).",
+        "",
+    ]
     if source.get("gguf_file"):
         lines += [f"The weights were read from the GGUF file `{source['gguf_file']}` and dequantized.", ""]
     if model.get("note"):

@@ -1,5 +1,5 @@
-"""``compressx push`` / ``compressx.push_to_hub`` and ``export.push_to_hub``, against a local fake Hub (tests/fake_hub.py)
-that the real huggingface_hub client talks to: what it receives, and every failure."""
+"""``compressx push`` / ``compressx.push_to_hub`` and ``export.push_to_hub``, against a local fake Hub
+(tests/fake_hub.py) that the real huggingface_hub client talks to: what it receives, and every failure."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from huggingface_hub import ModelCard, constants
 import compressx
 from compressx import cli
 from compressx.errors import ExportError, PushError, RecipeError
-from compressx.push import push_to_hub, repo_id_problem
+from compressx.push import repo_id_problem
+
+push_to_hub = compressx.push_to_hub
 
 PRUNE = [{"pass": "magnitude", "config": {"sparsity": 0.5, "pattern": "2:4"}}]
 

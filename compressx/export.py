@@ -108,8 +108,24 @@ def write_module_entry(
         entry.update(format="zoo", member=source["id"])
     else:
         entry.update(format="torch")
+    if entry["format"] == "timm" and _write_timm_config(model, directory, entry):
+        return entry
     (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
     return entry
+
+
+def _write_timm_config(model: nn.Module, directory: Path, entry: dict[str, Any]) -> bool:
+    """timm's own ``config.json`` (``save_config_for_hf``: architecture, num_classes, model_args, pretrained_cfg),
+    so that ``timm.create_model("local-dir:<export>" / "hf-hub:<repo>", pretrained=True)`` rebuilds the model
+    without compressx; compressx's entry lives in the manifest only. False when timm cannot describe the model."""
+    from timm.models._hub import save_config_for_hf
+
+    try:
+        save_config_for_hf(model, str(directory / "config.json"), model_args=dict(entry.get("kwargs") or {}))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # e.g. a model built without timm's factory
+        log.warning("timm cannot write its config for %s (%s): config.json holds compressx's entry", entry, err)
+        return False
+    return True
 
 
 def _is_diffusers_pipeline(model: Any) -> bool:
@@ -342,6 +358,8 @@ def _write_export(
         tokenizer.save_pretrained(tmp)
     elif tokenizer is not None:
         model_entry["tokenizer"] = getattr(tokenizer, "name", type(tokenizer).__name__)
+        if hasattr(tokenizer, "as_transformers"):  # zoo tokenizers: also as tokenizer.json, for AutoTokenizer
+            tokenizer.as_transformers().save_pretrained(tmp)
     manifest = {
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
@@ -373,6 +391,8 @@ def _write_export(
         "sparsity": sparsity,
         **({"sparse_format": packed_entry} if packed_entry else {}),
     }
+    if manifest["reapply"]:
+        _name_runtime_passes(tmp, manifest["reapply"], model_entry)
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
@@ -394,6 +414,22 @@ def _write_export(
     manifest["files"] = files
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return len(files)
+
+
+def _name_runtime_passes(directory: Path, reapply: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Runtime passes change the forward, not the weights, so a plain ``from_pretrained`` gives the model without
+    them: the saved config (transformers, timm) names them under ``compressx``, with how to load them applied."""
+    config = directory / "config.json"
+    if entry.get("format") not in ("transformers", "timm") or not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["compressx"] = {
+        "runtime_passes": [{"pass": e["pass"], "config": e["config"]} for e in reapply],
+        "load_with": "compressx.load(<this directory>)",
+        "note": "these passes change how the model runs and are not applied by a plain from_pretrained / "
+        "create_model, which gives the model without them; compressx.load applies them",
+    }
+    config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _commit(tmp: Path, target: Path, replace: bool) -> None:

@@ -39,7 +39,11 @@ _CLASS_TASKS = (
 )
 _PIPELINE_TASKS = {"StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image"}
 _ZOO_TASKS = {"resnet_digits": "image-classification", "vit_digits": "image-classification"}
-_METRIC_TASKS = {"perplexity": "text-generation", "top1": "image-classification", "vqa_accuracy": "visual-qa"}
+_METRIC_TASKS = {
+    "perplexity": "text-generation",
+    "top1": "image-classification",
+    "vqa_accuracy": "visual-question-answering",
+}
 
 
 def library_name(model: dict[str, Any]) -> str:

@@ -248,3 +248,20 @@ def test_card_of_a_recipe_export_has_base_model_license_model_index_and_the_reci
         assert heading in card.text
     assert "pass: magnitude" in card.text and "| 10.0000 | 10.5000 |" in card.text
     assert "compressx " + compressx.__version__ in card.text
+
+
+@pytest.mark.parametrize("member", ["bytes", "words"])
+def test_zoo_tokenizers_save_a_tokenizer_json_that_autotokenizer_reads_with_the_same_ids(tmp_path, member):
+    from transformers import AutoTokenizer
+
+    from compressx.zoo.llava_digits import WordTokenizer
+
+    tokenizer, text = {
+        "bytes": (ByteTokenizer(), TEXT),
+        "words": (WordTokenizer(), "<bos> user : <image> which digit is it ? assistant : 7"),
+    }[member]
+    tokenizer.as_transformers().save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    ids = reloaded(text)["input_ids"]
+    assert ids == tokenizer.encode(text)
+    assert reloaded.decode(ids) == text == tokenizer.decode(ids)

@@ -225,6 +225,7 @@ def test_a_zoo_recipe_with_push_to_hub_pushes_after_the_export(tmp_path, hub, mo
     manifest = compressx.read_manifest(out)
     files = hub.files("alice/llama-byte-pruned")
     assert set(files) == {*manifest["files"], "compressx.json"}
+    assert "tokenizer.json" in files  # the zoo's byte tokenizer, loadable with AutoTokenizer
     assert all(files[name] == (out / name).read_bytes() for name in files)
     assert hub.commits[0]["message"] == "zoo" and hub.repos["alice/llama-byte-pruned"]["private"]
     card = ModelCard(files["README.md"].decode())

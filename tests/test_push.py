@@ -215,11 +215,15 @@ def test_validate_checks_the_token_when_pushing_is_asked(tmp_path, monkeypatch, 
 @pytest.mark.slow  # builds (or reads from the cache) the zoo's llama_byte_1m and runs the recipe
 def test_a_zoo_recipe_with_push_to_hub_pushes_after_the_export(tmp_path, hub, monkeypatch, zoo_cache, capsys):
     monkeypatch.setenv("COMPRESSX_CACHE", zoo_cache)
-    path = tmp_path / "r.yaml"
-    recipe = _recipe(tmp_path, {"repo_id": "alice/llama-byte-pruned", "private": True, "commit_message": "zoo"})
-    recipe["eval"] = [{"metric": "perplexity", "data": {"source": "stdlib_text", "split": "test", "samples": 4}}]
-    path.write_text(yaml.safe_dump(recipe))
-    assert cli.main(["apply", str(path), "--no-progress"]) == 0
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llm" / "magnitude_llama_byte.yaml"
+    overrides = [
+        f"export.dir={tmp_path / 'out'}",
+        "export.push_to_hub.repo_id=alice/llama-byte-pruned",
+        "export.push_to_hub.private=true",
+        "export.push_to_hub.commit_message=zoo",
+        "eval.0.data.samples=4",
+    ]
+    assert cli.main(["apply", str(recipe), *overrides, "--no-progress"]) == 0
     assert "pushed to the Hub: alice/llama-byte-pruned" in capsys.readouterr().out
     out = tmp_path / "out"
     manifest = compressx.read_manifest(out)

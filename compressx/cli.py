@@ -225,7 +225,8 @@ def _push_summary(pushed: Any) -> str:
     )
     rows = [[name, f"{n:,}"] for name, n in pushed.files.items()]
     card = yaml.safe_dump(pushed.card, sort_keys=False).rstrip() if pushed.card else "(no model card)"
-    return "\n".join([head, "", _table(rows, ["file", "bytes"]), "", "model card metadata:", card])
+    skipped = [f"not uploaded (the manifest does not list them): {', '.join(pushed.skipped)}"] * bool(pushed.skipped)
+    return "\n".join([head, "", _table(rows, ["file", "bytes"]), *skipped, "", "model card metadata:", card])
 
 
 class Terminated(BaseException):

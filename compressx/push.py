@@ -52,6 +52,7 @@ class PushResult:
     card: dict[str, Any]  # the model card's metadata
     commit_url: str | None = None  # None for a dry run
     dry_run: bool = False
+    skipped: tuple[str, ...] = ()  # files in the directory the manifest does not list: never uploaded
 
 
 def repo_id_problem(repo_id: Any) -> str | None:
@@ -130,7 +131,7 @@ def push_to_hub(
         token: default: huggingface_hub's (``HF_TOKEN``, then the file ``hf auth login`` writes).
         dry_run: verify and return what would be uploaded (files and sizes, the card's metadata); send nothing.
     """
-    from compressx.export import MANIFEST, verify
+    from compressx.export import MANIFEST, unlisted_files, verify
 
     problem = repo_id_problem(repo_id)
     if problem:
@@ -140,8 +141,11 @@ def push_to_hub(
     names = sorted([*manifest["files"], MANIFEST])
     files = {name: (directory / name).stat().st_size for name in names}
     card = _card_metadata(directory, names)
+    skipped = tuple(unlisted_files(directory))
+    if skipped:
+        log.warning("not uploading %s: the export's manifest does not list them", ", ".join(skipped))
     if dry_run:
-        return PushResult(repo_id, revision, files, card, dry_run=True)
+        return PushResult(repo_id, revision, files, card, dry_run=True, skipped=skipped)
     problem = token_problem(token)
     if problem:
         raise PushError(problem)
@@ -164,7 +168,7 @@ def push_to_hub(
             allow_patterns=[glob.escape(name) for name in names],  # exactly the verified files
         )
     log.info("pushed %s: %s", repo_id, info.commit_url)
-    return PushResult(repo_id, revision, files, card, commit_url=info.commit_url)
+    return PushResult(repo_id, revision, files, card, commit_url=info.commit_url, skipped=skipped)
 
 
 class _hub_errors:

@@ -265,3 +265,11 @@ def test_zoo_tokenizers_save_a_tokenizer_json_that_autotokenizer_reads_with_the_
     ids = reloaded(text)["input_ids"]
     assert ids == tokenizer.encode(text)
     assert reloaded.decode(ids) == text == tokenizer.decode(ids)
+
+
+def test_card_of_a_plain_torch_module_names_compressx_as_its_loader(tmp_path, tiny_cnn):
+    result = compressx.apply(tiny_cnn, [{"pass": "magnitude", "config": {"sparsity": 0.5}}])
+    compressx.save(tiny_cnn, tmp_path / "cnn", result)
+    card = _card(tmp_path / "cnn")
+    assert card.data.library_name == "compressx" and card.data.pipeline_tag is None and card.data.base_model is None
+    assert "only compressx rebuilds" in card.text and "sparsity" in card.data.tags and "2:4" not in card.data.tags

@@ -67,6 +67,7 @@ def test_push_uploads_the_verified_export_in_one_commit(export, hub):
     assert set(hub.tokens) == {"Bearer hf_fake_token"}
     assert hub.cards == [expected["README.md"].decode()] * len(hub.cards) and hub.cards  # validated by the Hub
     assert pushed.commit_url.startswith(hub.url) and set(pushed.files) == set(expected)
+    assert pushed.skipped == ("notes.txt",)
     assert pushed.card["library_name"] == "transformers" and "2:4" in pushed.card["tags"]
     # what was pushed loads back with compressx (the hashes hold)
     download = export.parent / "download"
@@ -84,10 +85,12 @@ def test_push_to_a_branch_and_into_an_existing_repo(export, hub):
 
 
 def test_dry_run_sends_nothing_and_the_cli_prints_files_and_card(export, hub, capsys):
+    (export / "notes.txt").write_text("mine")
     assert cli.main(["push", str(export), "--repo-id", "alice/tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert hub.requests == []
     assert "dry run: would upload 5 file(s)" in out and "model.safetensors" in out
+    assert "not uploaded (the manifest does not list them): notes.txt" in out
     assert "library_name: transformers" in out and "pipeline_tag: text-generation" in out
 
 

@@ -227,6 +227,9 @@ def test_card_of_a_recipe_export_has_base_model_license_model_index_and_the_reci
     assert base_model_and_license({"source": "hf", "id": "HuggingFaceTB/SmolLM2-135M"})[0] == (
         "HuggingFaceTB/SmolLM2-135M"
     )
+    assert base_model_and_license({"source": "timm", "id": "resnet18.a1_in1k"})[0] == "timm/resnet18.a1_in1k"
+    assert base_model_and_license({"source": "timm", "id": "resnet18", "pretrained": False}) == (None, None)
+    assert base_model_and_license({"source": "zoo", "id": "llama_byte_1m"}) == (None, None)  # trained here
     assert base_model_and_license({"source": "zoo", "id": "smollm2_135m"}) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         "apache-2.0",

@@ -6,6 +6,7 @@ Python API::
     result = compressx.apply(model, [{"pass": "magnitude", "config": {"sparsity": 0.5}, "ignore": ["lm_head"]}])
     compressx.save(model, "out/pruned", result)
     model = compressx.load("out/pruned")
+    compressx.push_to_hub("out/pruned", "USER/NAME")
 
 ``Recipe``, ``load_recipe`` and ``run_recipe`` are imported on first use: the recipe format and runner bring the
 model builders, the evaluators and the trainer, which ``import compressx`` does not need.
@@ -21,6 +22,7 @@ from compressx.engine import ApplyResult, StepResult, StepSpec, apply, prepare
 from compressx.errors import CompressxError, ConfigError, ExportError, RecipeError, RegistryError, TargetError
 from compressx.export import load, save
 from compressx.manifest import read_manifest
+from compressx.push import push_to_hub
 from compressx.registry import Need, PassContext, PassResult, PassSpec, get_pass, list_passes, register_pass
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ __all__ = [
     "load",
     "load_recipe",
     "prepare",
+    "push_to_hub",
     "read_manifest",
     "register_pass",
     "run_recipe",

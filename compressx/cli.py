@@ -1,4 +1,4 @@
-"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``.
+"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``, ``push``.
 
 It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2;
 Ctrl-C (SIGINT) and SIGTERM stop the run, remove its temporary files and exit with 130 and 143.
@@ -58,6 +58,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"\nexported to {run.export_dir}  (reload: compressx.load({run.export_dir!r}))")
         digest = manifest_digest(run.export_dir)
         print(f"{MANIFEST} sha256 {digest}  (check a copy with: compressx verify DIR --expect {digest})")
+    if run.pushed is not None:
+        print(f"pushed to the Hub: {run.pushed.repo_id} {run.pushed.commit_url}")
     return 0
 
 
@@ -205,6 +207,39 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    """Verify an export and upload it to a Hub model repo in one commit (--dry-run: show what would be sent)."""
+    from compressx.push import push_to_hub
+
+    pushed = push_to_hub(
+        args.dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+    )
+    print(_push_summary(pushed))
+    return 0
+
+
+def _push_summary(pushed: Any) -> str:
+    """What ``push`` sent (or, dry run, would send): the files and sizes, and the card's metadata."""
+    import yaml
+
+    size = sum(pushed.files.values())
+    where = pushed.repo_id + (f" (branch {pushed.revision})" if pushed.revision else "")
+    head = (
+        f"dry run: would upload {len(pushed.files)} file(s), {size:,} bytes, to {where}"
+        if pushed.dry_run
+        else (f"pushed {len(pushed.files)} file(s), {size:,} bytes, to {where}: {pushed.commit_url}")
+    )
+    rows = [[name, f"{n:,}"] for name, n in pushed.files.items()]
+    card = yaml.safe_dump(pushed.card, sort_keys=False).rstrip() if pushed.card else "(no model card)"
+    skipped = [f"not uploaded (the manifest does not list them): {', '.join(pushed.skipped)}"] * bool(pushed.skipped)
+    return "\n".join([head, "", _table(rows, ["file", "bytes"]), *skipped, "", "model card metadata:", card])
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM so that, as with Ctrl-C, every ``finally`` / cleanup runs."""
 
@@ -263,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_load)
+
+    p = sub.add_parser("push", help="verify an export and upload it to a Hugging Face Hub model repo in one commit")
+    p.add_argument("dir")
+    p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="the model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo is unchanged)")
+    p.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing); default main")
+    p.add_argument("--commit-message", metavar="TEXT")
+    p.add_argument("--dry-run", action="store_true", help="print the card's metadata and the files; send nothing")
+    p.set_defaults(fn=_cmd_push)
     return parser
 
 

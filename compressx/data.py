@@ -60,6 +60,32 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def as_transformers(self) -> Any:
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (what an export saves as
+        ``tokenizer.json``, so ``AutoTokenizer`` loads it): byte-level, one token per byte, id = byte value."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        # The byte-level pre-tokenizer turns every byte into one printable character: the vocabulary is keyed by it.
+        byte_char = _bytes_to_unicode()
+        tok = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters (the byte-level pre-tokenizer's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])

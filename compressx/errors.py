@@ -65,6 +65,10 @@ class ExportError(CompressxError):
     """An export could not be written, or an export directory could not be read back (corrupt, missing, unknown)."""
 
 
+class PushError(CompressxError):
+    """An export could not be published to the Hub: bad repo id, no token, refused, offline, a network failure."""
+
+
 class CheckpointError(CompressxError):
     """A checkpoint directory cannot be used: not compressx's, another run's, corrupted, or nothing to resume."""
 

@@ -62,7 +62,7 @@ from compressx.manifest import (
     write_module_entry,
 )
 from compressx.pipelines import original_class
-from compressx.registry import get_pass, summarize_report
+from compressx.registry import get_pass
 from compressx.sparse_export import SPARSE_FORMATS, read_packed, write_sparse
 
 if TYPE_CHECKING:  # the recipe format sits above export (it brings the model builders): for annotations only
@@ -113,27 +113,10 @@ def _is_diffusers_pipeline(model: Any) -> bool:
 
 
 def _model_card(manifest: dict[str, Any]) -> str:
-    lines = ["---", "library_name: compressx", "tags: [compressx, compression]", "---", ""]
-    source = manifest.get("source") or {}
-    lines += [f"# Compressed {manifest['model']['class']}", ""]
-    if source:
-        gguf = f", GGUF file `{source['gguf_file']}` dequantized" if source.get("gguf_file") else ""
-        lines += [f"Base model: `{source.get('source')}:{source.get('id')}`{gguf}.", ""]
-    if manifest["model"].get("note"):
-        lines += [f"Note: {manifest['model']['note']}.", ""]
-    lines += ["Compressed with [compressx](https://github.com/compressx/compressx) by these steps:", ""]
-    for i, step in enumerate(manifest["steps"]):
-        brief = summarize_report(step["report"])
-        lines.append(f"{i + 1}. `{step['pass']}` ({step['kind']}) with `{json.dumps(step['config'])}` — {brief}")
-    ev = manifest.get("eval") or {}
-    if ev.get("before") or ev.get("after"):
-        lines += ["", "| metric | before | after |", "|---|---|---|"]
-        for label in ev.get("after", {}):
-            lines.append(
-                f"| {label} | {ev.get('before', {}).get(label, float('nan')):.4f} | {ev['after'][label]:.4f} |"
-            )
-    lines += ["", "Reload with `compressx.load(dir)`; `compressx show dir` prints the manifest.", ""]
-    return "\n".join(lines)
+    """The model card (``compressx.model_card``); ``manifest`` also carries ``recipe`` and ``file_sizes``."""
+    from compressx.model_card import model_card_text
+
+    return model_card_text(manifest)
 
 
 def save(
@@ -259,6 +242,8 @@ def _write_export(
         tokenizer.save_pretrained(tmp)
     elif tokenizer is not None:
         model_entry["tokenizer"] = getattr(tokenizer, "name", type(tokenizer).__name__)
+        if hasattr(tokenizer, "as_transformers"):  # zoo tokenizers: also as tokenizer.json, for AutoTokenizer
+            tokenizer.as_transformers().save_pretrained(tmp)
     manifest = {
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
@@ -290,9 +275,13 @@ def _write_export(
         "sparsity": sparsity,
         **({"sparse_format": packed_entry} if packed_entry else {}),
     }
+    if manifest["reapply"]:
+        _name_runtime_passes(tmp, manifest["reapply"], model_entry)
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    (tmp / "README.md").write_text(_model_card(manifest))
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+    card_inputs = {**manifest, "recipe": recipe.to_dict() if recipe is not None else None, "file_sizes": sizes}
+    (tmp / "README.md").write_text(_model_card(card_inputs))
     # Every file but the manifest is hashed, so load can verify all it reads and overwrite knows what it wrote.
     files: dict[str, str] = {}
     for path in sorted(tmp.rglob("*")):
@@ -309,6 +298,22 @@ def _write_export(
     manifest["files"] = files
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return len(files)
+
+
+def _name_runtime_passes(directory: Path, reapply: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Runtime passes change the forward, not the weights, so a plain ``from_pretrained`` gives the model without
+    them: the saved config (transformers, timm) names them under ``compressx``, with how to load them applied."""
+    config = directory / "config.json"
+    if entry.get("format") not in ("transformers", "timm") or not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["compressx"] = {
+        "runtime_passes": [{"pass": e["pass"], "config": e["config"]} for e in reapply],
+        "load_with": "compressx.load(<this directory>)",
+        "note": "these passes change how the model runs and are not applied by a plain from_pretrained / "
+        "create_model, which gives the model without them; compressx.load applies them",
+    }
+    config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _commit(tmp: Path, target: Path, replace: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ MANIFEST = "compressx.json"
 
 _sha256 = sha256_file
 
+log = logging.getLogger(__name__)
+
 
 def write_module_entry(
     model: nn.Module, directory: Path, source: dict[str, Any] | None, **fields: Any
@@ -39,8 +42,24 @@ def write_module_entry(
         entry.update(format="zoo", member=source["id"])
     else:
         entry.update(format="torch")
+    if entry["format"] == "timm" and _write_timm_config(model, directory, entry):
+        return entry
     (directory / "config.json").write_text(json.dumps(entry, indent=2) + "\n")
     return entry
+
+
+def _write_timm_config(model: nn.Module, directory: Path, entry: dict[str, Any]) -> bool:
+    """timm's own ``config.json`` (``save_config_for_hf``: architecture, num_classes, model_args, pretrained_cfg),
+    so that ``timm.create_model("local-dir:<export>" / "hf-hub:<repo>", pretrained=True)`` rebuilds the model
+    without compressx; compressx's entry lives in the manifest only. False when timm cannot describe the model."""
+    from timm.models._hub import save_config_for_hf
+
+    try:
+        save_config_for_hf(model, str(directory / "config.json"), model_args=dict(entry.get("kwargs") or {}))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # e.g. a model built without timm's factory
+        log.warning("timm cannot write its config for %s (%s): config.json holds compressx's entry", entry, err)
+        return False
+    return True
 
 
 # The manifest's shape. A dict schema lists required keys ("?key": optional); {str: X} maps any key to X;

@@ -46,6 +46,7 @@ from compressx.engine import StepSpec, parse_step
 from compressx.errors import CompressxError, ConfigError, RecipeError, unknown_key_message
 from compressx.evaluate import EvalSpec
 from compressx.models import ModelSpec
+from compressx.push import PushSpec
 from compressx.registry import get_pass
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
@@ -64,6 +65,7 @@ class ExportSpec(Block):
     dir: str = option(nonempty=True)
     overwrite: bool = False
     sparse_format: str = option("none", choices=_sparse_formats)
+    push_to_hub: PushSpec | None = None  # upload the export, once written and verified (compressx.push)
 
     @classmethod
     def from_dict(cls, values: Any) -> ExportSpec:

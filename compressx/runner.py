@@ -26,6 +26,7 @@ from compressx.errors import CompressxError, RecipeError
 from compressx.evaluate import check_metric_applies, evaluate
 from compressx.export import overwrite_problem, recover_leftovers, save
 from compressx.models import build_model
+from compressx.push import PushResult, push_to_hub, token_problem
 from compressx.recipe import ExportSpec, Recipe, check_checkpoint_dirs, checkpoint_dirs, recipe_fingerprint
 from compressx.registry import get_pass, summarize_report
 from compressx.threads import tiny_model_threads
@@ -42,6 +43,7 @@ class RunResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     export_dir: str | None
+    pushed: PushResult | None = None  # what the export block's push_to_hub uploaded
 
 
 def is_main_process() -> bool:
@@ -156,7 +158,17 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
             overwrite=overwrite or recipe.export.overwrite,
             sparse_format=recipe.export.sparse_format,
         )
-    return RunResult(loaded.model, result, before, after, export_dir)
+    pushed = None
+    if export_dir and recipe.export.push_to_hub:  # only a written export, verified again by push_to_hub
+        spec = recipe.export.push_to_hub
+        pushed = push_to_hub(
+            export_dir,
+            spec.repo_id,
+            private=spec.private,
+            revision=spec.revision,
+            commit_message=spec.commit_message,
+        )
+    return RunResult(loaded.model, result, before, after, export_dir, pushed)
 
 
 def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | None:
@@ -190,6 +202,10 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         problem = check_export_target(recipe.export, overwrite)
         if problem:
             problems.append(problem)
+    if recipe.export and recipe.export.push_to_hub:
+        problem = token_problem()
+        if problem:
+            problems.append(f"export.push_to_hub: {problem}")
     problems += check_checkpoint_dirs(recipe)
     if recipe.model is None:
         problems.append("model: a recipe run from the CLI needs a model block")

@@ -54,6 +54,8 @@ def test_apply_prints_table_and_writes_export(magnitude_export):
         "generation_config.json",
         "model.safetensors",
         "recipe.yaml",
+        "tokenizer.json",  # the zoo's byte tokenizer, for AutoTokenizer
+        "tokenizer_config.json",
     ]
     manifest = compressx.read_manifest(out)
     assert manifest["eval"]["after"]["perplexity (stdlib_text/test, 64x256)"] == pytest.approx(after, abs=1e-4)

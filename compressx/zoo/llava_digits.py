@@ -57,6 +57,16 @@ class WordTokenizer:
     def decode(self, ids: list[int]) -> str:
         return " ".join(WORDS[i] for i in ids)
 
+    def as_transformers(self) -> Any:
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (saved as ``tokenizer.json`` in an
+        export, so ``AutoTokenizer`` loads it): whitespace-separated words, id = index in ``WORDS``."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(WORDS)}))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=WORDS[self.pad_token_id])
+
 
 def config() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

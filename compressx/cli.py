@@ -1,4 +1,4 @@
-"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``.
+"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``, ``report``.
 
 It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2;
 Ctrl-C (SIGINT) and SIGTERM stop the run, remove its temporary files and exit with 130 and 143.
@@ -194,6 +194,15 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML + Markdown report of a verified export beside it (or to --out)."""
+    from compressx.report import write_report
+
+    page = write_report(args.dir, args.out, sample_prompts=args.samples, sample_steps=args.sample_steps)
+    print(f"report of {args.dir} written to {page} (and {page.with_suffix('.md').name} beside it)")
+    return 0
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM so that, as with Ctrl-C, every ``finally`` / cleanup runs."""
 
@@ -249,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_load)
+
+    p = sub.add_parser("report", help="write an HTML + Markdown report of an export (figures embedded)")
+    p.add_argument("dir")
+    p.add_argument(
+        "--out", metavar="DIR", help="the report directory (default: DIR.report beside the export, never inside it)"
+    )
+    p.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="PROMPT",
+        help="pipeline exports (cutdiffusion, multidiffusion): load the pipeline and add a grid of these prompts "
+        "at the native size, 2x and 4x its area",
+    )
+    p.add_argument("--sample-steps", type=int, default=30, metavar="N", help="denoising steps of --samples")
+    p.set_defaults(fn=_cmd_report)
     return parser
 
 

@@ -279,6 +279,7 @@ class RunResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     export_dir: str | None
+    report: str | None = None  # report.html, when the recipe's export block asks for one
 
 
 def is_main_process() -> bool:
@@ -400,4 +401,9 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
             overwrite=overwrite or recipe.export.overwrite,
             sparse_format=recipe.export.sparse_format,
         )
-    return RunResult(loaded.model, result, before, after, export_dir)
+    report = None
+    if export_dir and recipe.export.report:
+        from compressx.report import write_report
+
+        report = str(write_report(export_dir))
+    return RunResult(loaded.model, result, before, after, export_dir, report)

@@ -60,6 +60,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"\nexported to {run.export_dir}  (reload: compressx.load({run.export_dir!r}))")
         digest = manifest_digest(run.export_dir)
         print(f"{MANIFEST} sha256 {digest}  (check a copy with: compressx verify DIR --expect {digest})")
+    if run.report:
+        print(f"report: {run.report}  (Markdown: {run.report.removesuffix('.html')}.md)")
     return 0
 
 

@@ -52,7 +52,7 @@ from compressx.trainer import TrainSpec, parse_train_spec
 
 TOP_KEYS = ("model", "data", "steps", "train", "eval", "export", "checkpoint")
 STEP_KEYS = ("pass", "targets", "ignore", "config")
-EXPORT_KEYS = ("dir", "overwrite", "sparse_format")
+EXPORT_KEYS = ("dir", "overwrite", "sparse_format", "report")
 DATA_KEYS = ("calibration",)
 
 
@@ -82,6 +82,7 @@ class ExportSpec:
     dir: str
     overwrite: bool = False
     sparse_format: str = "none"
+    report: bool = False  # also write the HTML + Markdown report beside the export (compressx.report)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +237,9 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             for key in raw_export:
                 if key not in EXPORT_KEYS:
                     problems.append(f"export.{key}: {unknown_key_message(str(key), EXPORT_KEYS)}")
-            if not isinstance(raw_export.get("overwrite", False), bool):
-                problems.append("export.overwrite: expected true or false")
+            for key in ("overwrite", "report"):
+                if not isinstance(raw_export.get(key, False), bool):
+                    problems.append(f"export.{key}: expected true or false")
             from compressx.export import SPARSE_FORMATS  # the values save() accepts: one list, kept there
 
             sparse_format = raw_export.get("sparse_format", "none")
@@ -247,6 +249,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
                 dir=raw_export["dir"],
                 overwrite=bool(raw_export.get("overwrite", False)),
                 sparse_format=str(sparse_format),
+                report=raw_export.get("report", False) is True,
             )
 
     checkpoint = None
@@ -539,6 +542,12 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         problem = check_export_target(recipe.export, overwrite)
         if problem:
             problems.append(problem)
+        if recipe.export.report:
+            from compressx.report import report_target_problem
+
+            problem = report_target_problem(recipe.export.dir)
+            if problem:
+                problems.append(f"export.report: {problem}")
     problems += check_checkpoint_dirs(recipe)
     if recipe.model is None:
         problems.append("model: a recipe run from the CLI needs a model block")

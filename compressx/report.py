@@ -664,6 +664,20 @@ def _check_target(export: Path, target: Path) -> None:
         raise ReportError(problem)
 
 
+def report_target_problem(export_dir: str | os.PathLike) -> str | None:
+    """What would stop the report of ``export_dir`` being written to its default place, found before any work
+    (``export: {report: true}``): matplotlib missing, or ``<export>.report`` not a report compressx wrote."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "the report's figures need matplotlib, which is not installed: pip install 'compressx[report]'"
+    try:
+        _check_target(Path(export_dir), default_report_dir(export_dir))
+    except ReportError as err:
+        return str(err)
+    return None
+
+
 def _set_permissions(directory: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)

@@ -329,16 +329,19 @@ def _bars(
         ax = fig.add_subplot()
         x = range(len(names))
         ax.bar(x, values, width=1.0, color=colours, linewidth=0)
-        groups: dict[str, list[int]] = {}
+        # One tick per numbered block (model.layers.N -> "N"), placed at the middle of its tensors; the
+        # tensors outside numbered blocks (embeddings, head) get no tick.
+        blocks: dict[str, list[int]] = {}
         for i, name in enumerate(short):
-            match = re.match(r"(.*?\.\d+)(\.|$)", name)
-            groups.setdefault(match.group(1) if match else name, []).append(i)
-        labels = list(groups)
-        step = max(1, len(labels) // 30)
-        ticks = [(sum(groups[g]) / len(groups[g]), g.rsplit(".", 1)[-1]) for g in labels[::step]]
+            match = re.match(r"(.*?)\.(\d+)(\.|$)", name)
+            if match:
+                blocks.setdefault(f"{match.group(1)}.{match.group(2)}", []).append(i)
+        labels = list(blocks)
+        step = max(1, -(-len(labels) // 40))
+        ticks = [(sum(blocks[b]) / len(blocks[b]), b.rsplit(".", 1)[-1]) for b in labels[::step]]
         ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=7)
-        prefix = os.path.commonprefix([g.rsplit(".", 1)[0] for g in labels]) if labels else ""
-        ax.set_xlabel(f"tensor, grouped by block ({prefix}N)" if prefix else "tensor")
+        prefixes = sorted({b.rsplit(".", 1)[0] for b in labels})
+        ax.set_xlabel(f"{len(names)} tensors, in order; ticks: {', '.join(p + '.N' for p in prefixes[:3])}")
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_ylabel(ylabel)
         if limit is not None:
@@ -502,7 +505,8 @@ def _samples_section(
             generator = torch.Generator().manual_seed(seed)
             image = pipe(prompt, height=height, width=width, num_inference_steps=steps, generator=generator).images[0]
             ax = grid[r][c]
-            ax.imshow(np.asarray(image), interpolation="nearest")
+            pixels = np.asarray(image)
+            ax.imshow(pixels, interpolation="nearest", cmap="gray" if pixels.ndim == 2 else None)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -552,7 +556,7 @@ body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 1100px; mar
 h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } td code { overflow-wrap: anywhere; }
+th { background: #f3f3f3; } td code { overflow-wrap: break-word; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; }
 code { background: #f5f5f5; padding: 0 0.2em; }

@@ -167,6 +167,30 @@ def test_quantized_report_has_the_bit_widths_and_sizes(tmp_path, one_thread):
     assert "quantized weights (codes, scales, zero points) vs fp16" in markdown
 
 
+@pytest.mark.slow  # builds sd_digits with a few training steps and samples 6 images: 15-45 s
+def test_pipeline_report_samples_a_grid_with_the_loaded_pipeline(tmp_path, one_thread, capsys):
+    pytest.importorskip("sklearn", reason="the digits come from scikit-learn (a dev extra)")
+    from compressx.zoo import sd_digits
+
+    build, _ = sd_digits.train(progress=False, vae_steps=2, unet_steps=2, classifier_steps=1)  # untrained is fine
+    result = compressx.apply(build.pipe, [{"pass": "cutdiffusion", "config": {}}], progress=False)
+    export = compressx.save(build.pipe, tmp_path / "sd", result)
+    args = ["report", str(export), "--samples", "digit 3", "digit 7", "--sample-steps", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    report = tmp_path / "sd.report"
+    assert (report / "figures" / "samples.png").is_file()
+    markdown = (report / "report.md").read_text()
+    assert "Samples of the loaded pipeline (re-applied: `cutdiffusion`)" in markdown and "2 steps, seed 0" in markdown
+    assert main(["report", str(tmp_path / "sd.report"), "--out", str(tmp_path / "x")]) == 2  # a report: no export
+    capsys.readouterr()
+
+
+def test_samples_are_refused_for_an_export_that_is_not_a_pipeline(pruned_export, capsys):
+    export, _ = pruned_export
+    assert main(["report", str(export), "--samples", "digit 3"]) == 2
+    assert "--samples needs a diffusers pipeline export" in capsys.readouterr().err
+
+
 def test_recipe_export_report_true_writes_it_and_apply_prints_where(tmp_path, bpe_tokenizer, capsys, one_thread):
     model_dir = save_tiny_hf_llama(tmp_path / "tiny-llama", bpe_tokenizer)
     recipe = {

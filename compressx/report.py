@@ -14,8 +14,8 @@ what the manifest records: the steps and their reports, the eval before and afte
 packed sparse file, quantized weights, files on disk), FLOPs before and after where a pass reports them (vtw,
 fastv), per-tensor sparsity bars (the manifest's ``sparsity`` record), per-layer weight bit-widths (quantized
 exports), and each pass's own figure where its report holds one: the KL divergence per candidate layer of a
-``layer: auto`` search (vtw, arXiv:2405.05803 §3.3), the training schedule and loss of a training pass (lbc's
-candidate-removal schedule, arXiv:2206.06662 §3.3). A pipeline export (cutdiffusion, multidiffusion) holds no
+``layer: auto`` search (vtw, arXiv:2405.05803), the training schedule and loss of a training pass (lbc's
+candidate-removal schedule, arXiv:2206.06662). A pipeline export (cutdiffusion, multidiffusion) holds no
 samples; ``sample_prompts`` has the report generate a grid with the loaded pipeline (``compressx report DIR
 --samples PROMPT ...``).
 
@@ -375,6 +375,12 @@ def _sparsity_section(manifest: dict[str, Any]) -> list[Block]:
     caption = (
         f"Per-tensor sparsity (the manifest's sparsity record: {counts}; zero fraction {min(values)}–{max(values)}). "
         "Tensors without zeros are not shown."
+        + (
+            " The record names a pattern N:M only when the zero fraction is exactly 1 − N/M: an N:M tensor that "
+            "held zeros of its own before pruning reads unstructured."
+            if "unstructured" in patterns and len(patterns) > 1
+            else ""
+        )
     )
     return [Heading("Sparsity per layer"), Figure("sparsity", caption, _png(fig))]
 

@@ -220,7 +220,10 @@ def _eval_section(manifest: dict[str, Any]) -> list[Block]:
     ev = manifest.get("eval") or {}
     before, after = ev.get("before") or {}, ev.get("after") or {}
     if not after:
-        return [Heading("Evaluation"), Paragraph("The export records no evaluation (the recipe has no `eval`).")]
+        return [
+            Heading("Evaluation"),
+            Paragraph("The export records no evaluation (no `eval` in its recipe, or saved without `eval_results`)."),
+        ]
     rows = []
     for label, a in after.items():
         b = before.get(label)
@@ -232,12 +235,14 @@ def _eval_section(manifest: dict[str, Any]) -> list[Block]:
 def _size_section(directory: Path, manifest: dict[str, Any], tensors: dict[str, tuple[int, int]]) -> list[Block]:
     rows = []
     record = manifest.get("sparsity") or {}
+    pruned = False  # a noticeable share of zeros (not the odd exact zero of a dense model)
     if record and tensors:
         total = sum(numel for numel, _ in tensors.values())
         zeros = sum(round(entry["sparsity"] * tensors[name][0]) for name, entry in record.items() if name in tensors)
         rows.append(
             ["non-zero floating-point weights", _count(total), _count(total - zeros), _ratio(total, total - zeros)]
         )
+        pruned = zeros >= 0.01 * total
     packed = manifest.get("sparse_format")
     if packed:
         label = f"sparse weights packed ({packed['format']}, `{packed['file']}`) vs dense"
@@ -272,7 +277,7 @@ def _size_section(directory: Path, manifest: dict[str, Any], tensors: dict[str, 
     on_disk += (directory / MANIFEST).stat().st_size
     rows.append([f"export on disk ({len(manifest['files']) + 1} files)", "-", _bytes(on_disk), "-"])
     blocks: list[Block] = [Heading("Size"), Table(["what", "before", "after", "after / before"], rows)]
-    if record and not packed:
+    if pruned and not packed:
         blocks.append(
             Paragraph(
                 "The pruned weights are stored dense (zeros included), so the weight files keep their size; "

@@ -636,7 +636,9 @@ def render_markdown(blocks: list[Block]) -> str:
 def default_report_dir(export_dir: str | os.PathLike) -> Path:
     """``<export>.report`` beside the export (never inside it: an export holds only the files it hashes)."""
     export = Path(export_dir)
-    return export.parent / f"{export.resolve().name if export.name in ('', '.', '..') else export.name}.report"
+    if export.name in ("", ".", ".."):  # `compressx report .`: beside the directory, not inside it
+        export = export.resolve()
+    return export.parent / f"{export.name}.report"
 
 
 def _report_problem(target: Path) -> str | None:

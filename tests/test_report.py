@@ -47,6 +47,7 @@ def test_report_of_a_pruned_export_holds_the_eval_sizes_and_sparsity_bars(pruned
     page = write_report(export)
     target = export.parent / "pruned.report"
     assert page == target / "report.html" and default_report_dir(export) == target
+    assert default_report_dir(export / ".") == target.resolve() and default_report_dir(f"{export}/") == target
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
         "figures",
         "figures/sparsity.png",

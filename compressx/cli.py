@@ -1,4 +1,4 @@
-"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``, ``push``.
+"""The ``compressx`` command: ``apply``, ``validate``, ``list``, ``show``, ``verify``, ``load``, ``push``, ``report``.
 
 It parses arguments and calls the Python API, nothing else. User errors print one message and exit with 2;
 Ctrl-C (SIGINT) and SIGTERM stop the run, remove its temporary files and exit with 130 and 143.
@@ -60,6 +60,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"{MANIFEST} sha256 {digest}  (check a copy with: compressx verify DIR --expect {digest})")
     if run.pushed is not None:
         print(f"pushed to the Hub: {run.pushed.repo_id} {run.pushed.commit_url}")
+    if run.report:
+        print(f"report: {run.report}  (Markdown: {run.report.removesuffix('.html')}.md)")
     return 0
 
 
@@ -240,6 +242,15 @@ def _push_summary(pushed: Any) -> str:
     return "\n".join([head, "", _table(rows, ["file", "bytes"]), *skipped, "", "model card metadata:", card])
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML + Markdown report of a verified export beside it (or to --out)."""
+    from compressx.report import write_report
+
+    page = write_report(args.dir, args.out, sample_prompts=args.samples, sample_steps=args.sample_steps)
+    print(f"report of {args.dir} written to {page} (and {page.with_suffix('.md').name} beside it)")
+    return 0
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM so that, as with Ctrl-C, every ``finally`` / cleanup runs."""
 
@@ -307,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", metavar="TEXT")
     p.add_argument("--dry-run", action="store_true", help="print the card's metadata and the files; send nothing")
     p.set_defaults(fn=_cmd_push)
+    p = sub.add_parser("report", help="write an HTML + Markdown report of an export (figures embedded)")
+    p.add_argument("dir")
+    p.add_argument(
+        "--out", metavar="DIR", help="the report directory (default: DIR.report beside the export, never inside it)"
+    )
+    p.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="PROMPT",
+        help="pipeline exports (cutdiffusion, multidiffusion): load the pipeline and add a grid of these prompts "
+        "at the native size, 2x and 4x its area",
+    )
+    p.add_argument("--sample-steps", type=int, default=30, metavar="N", help="denoising steps of --samples")
+    p.set_defaults(fn=_cmd_report)
     return parser
 
 

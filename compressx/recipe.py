@@ -66,6 +66,7 @@ class ExportSpec(Block):
     overwrite: bool = False
     sparse_format: str = option("none", choices=_sparse_formats)
     push_to_hub: PushSpec | None = None  # upload the export, once written and verified (compressx.push)
+    report: bool = False  # also write the HTML + Markdown report beside the export (compressx.report)
 
     @classmethod
     def from_dict(cls, values: Any) -> ExportSpec:

@@ -29,6 +29,7 @@ from compressx.models import build_model
 from compressx.push import PushResult, push_to_hub, token_problem
 from compressx.recipe import ExportSpec, Recipe, check_checkpoint_dirs, checkpoint_dirs, recipe_fingerprint
 from compressx.registry import get_pass, summarize_report
+from compressx.report import report_target_problem, write_report
 from compressx.threads import tiny_model_threads
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RunResult:
     eval_after: dict[str, float]
     export_dir: str | None
     pushed: PushResult | None = None  # what the export block's push_to_hub uploaded
+    report: str | None = None  # report.html, when the recipe's export block asks for one
 
 
 def is_main_process() -> bool:
@@ -158,6 +160,9 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
             overwrite=overwrite or recipe.export.overwrite,
             sparse_format=recipe.export.sparse_format,
         )
+    report = None
+    if export_dir and recipe.export.report:
+        report = str(write_report(export_dir))
     pushed = None
     if export_dir and recipe.export.push_to_hub:  # only a written export, verified again by push_to_hub
         spec = recipe.export.push_to_hub
@@ -168,7 +173,7 @@ def _run_recipe(recipe: Recipe, *, overwrite: bool, progress: bool, export: bool
             revision=spec.revision,
             commit_message=spec.commit_message,
         )
-    return RunResult(loaded.model, result, before, after, export_dir, pushed)
+    return RunResult(loaded.model, result, before, after, export_dir, pushed, report)
 
 
 def check_export_target(export: ExportSpec, overwrite: bool = False) -> str | None:
@@ -202,6 +207,10 @@ def check_recipe(recipe: Recipe, overwrite: bool = False, run_model_code: bool =
         problem = check_export_target(recipe.export, overwrite)
         if problem:
             problems.append(problem)
+        if recipe.export.report:
+            problem = report_target_problem(recipe.export.dir)
+            if problem:
+                problems.append(f"export.report: {problem}")
     if recipe.export and recipe.export.push_to_hub:
         problem = token_problem()
         if problem:

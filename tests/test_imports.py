@@ -162,7 +162,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["passes.*", "layerwise", "training"], 3),  # the passes and what several share
     **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "builtin_trainer", "push"], 4),
     **dict.fromkeys(["recipe", "schema"], 5),  # the recipe file format and its JSON Schema
-    **dict.fromkeys(["export", "quant_export", "model_card"], 6),
+    **dict.fromkeys(["export", "quant_export", "model_card", "report"], 6),
     "runner": 7,
     **dict.fromkeys(["cli", "__main__", "api", ""], 8),  # the CLI and the public facade (compressx, compressx.api)
 }

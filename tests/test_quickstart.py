@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from headless_chromium import assert_rendered_cleanly, chromium
 
 from compressx.errors import CompressxError
 
@@ -28,7 +29,17 @@ def test_quickstart_prunes_smollm2_2of4_and_prints_perplexity_before_and_after(z
         pytest.skip(f"needs the wheel: {smollm2.INSTALL}")
     out = tmp_path / "quickstart"
     run = subprocess.run(
-        [sys.executable, "-m", "compressx", "apply", "recipes/quickstart.yaml", f"export.dir={out}", "--no-progress"],
+        # export.report=true: the same run also checks the report of the quickstart export (tests/test_report.py)
+        [
+            sys.executable,
+            "-m",
+            "compressx",
+            "apply",
+            "recipes/quickstart.yaml",
+            f"export.dir={out}",
+            "export.report=true",
+            "--no-progress",
+        ],
         capture_output=True,
         text=True,
         env=dict(os.environ, COMPRESSX_CACHE=zoo_cache),
@@ -47,3 +58,11 @@ def test_quickstart_prunes_smollm2_2of4_and_prints_perplexity_before_and_after(z
     manifest = json.loads((out / "compressx.json").read_text())
     assert manifest["source"] == {"source": "zoo", "id": "smollm2_135m", "dtype": "float32"}
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # The report: printed, beside the export, the sparsity bars of the 210 pruned Linears, rendered cleanly.
+    page = tmp_path / "quickstart.report" / "report.html"
+    assert f"report: {page}" in run.stdout
+    markdown = (page.parent / "report.md").read_text()
+    assert table[0].split("  ")[0] in markdown and (page.parent / "figures" / "sparsity.png").is_file()
+    assert len(manifest["sparsity"]) >= 210 and "| non-zero floating-point weights |" in markdown
+    if chromium() is not None:
+        assert_rendered_cleanly(page, tmp_path / "chromium", min_images=1)

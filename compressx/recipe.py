@@ -222,8 +222,10 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw_eval, list):
         problems.append("eval: expected a list of {metric, data} mappings")
     else:
+        # relative file paths in an eval entry (lm_eval's task_dir) start from the recipe's folder
+        recipe_dir = str(Path(source).parent) if source != "<recipe>" else None
         for i, entry in enumerate(raw_eval):
-            parsed = block(f"eval[{i}]", parse_eval_spec, entry)
+            parsed = block(f"eval[{i}]", lambda e: parse_eval_spec(e, recipe_dir), entry)
             if parsed:
                 evals.append(parsed)
 

@@ -8,6 +8,8 @@
   ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
 * ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
   answer (``samples`` questions, the four kinds in equal parts).
+* ``lm_eval`` — causal language models: EleutherAI's lm-evaluation-harness on local task files and data
+  (``compressx.lm_harness``; optional extra ``compressx[lm_eval]``); no ``data`` block, one result per task metric.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from compressx.data import DataSpec, load_tokens, parse_data_spec
 from compressx.errors import CompressxError, ConfigError, unknown_key_message, unknown_name_message
 from compressx.images import ImageDataSpec, parse_image_data_spec, top1
 from compressx.layerwise import execution_device
+from compressx.lm_harness import LmEvalSpec, check_lm_eval_spec, parse_lm_eval_spec, run_lm_eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +87,22 @@ def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool
     return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
 
 
-# metric name -> (model families it applies to, runner, parser of its data block)
-METRICS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any, EvalSpec, bool], float], Callable[[Any], Any]]] = {
+# metric name -> (model families it applies to, runner (one value, or label -> value), parser of its data block)
+METRICS: dict[str, tuple[tuple[str, ...], Callable[..., float | dict[str, float]], Callable[[Any], Any] | None]] = {
     "perplexity": (("llm",), _run_perplexity, parse_data_spec),
     "vqa_accuracy": (("mllm",), _run_vqa_accuracy, parse_data_spec),
     "top1": (("cnn", "vit", "any"), _run_top1, parse_image_data_spec),
+    "lm_eval": (("llm",), run_lm_eval, None),  # no data block: its tasks name their data
 }
 _KEYS = {"metric", "data", "batch_size"}
 
 
-def parse_eval_spec(block: Any) -> EvalSpec:
+def parse_eval_spec(block: Any, base_dir: str | None = None) -> EvalSpec | LmEvalSpec:
+    """One entry of an eval list; ``base_dir``: the recipe's folder, which relative file paths start from."""
     if not isinstance(block, dict):
         raise ConfigError(f"expected a mapping like {{metric: perplexity, data: {{...}}}}, got {block!r}")
+    if block.get("metric") == "lm_eval":
+        return parse_lm_eval_spec(block, base_dir)
     for key in block:
         if key not in _KEYS:
             raise ConfigError(unknown_key_message(str(key), _KEYS), path=str(key))
@@ -113,13 +120,22 @@ def parse_eval_spec(block: Any) -> EvalSpec:
     return EvalSpec(metric=block["metric"], data=data, batch_size=batch_size)
 
 
-def check_metric_applies(spec: EvalSpec, family: str) -> str | None:
+def check_metric_applies(spec: EvalSpec | LmEvalSpec, family: str) -> str | None:
+    """A problem found before any work (wrong model family, missing extra or task folder); None when fine."""
     families = METRICS[spec.metric][0]
     if family not in families:
         return f"metric '{spec.metric}' applies to {', '.join(families)} models, not to this {family} model"
+    if isinstance(spec, LmEvalSpec):
+        return check_lm_eval_spec(spec)
     return None
 
 
-def evaluate(model: Any, tokenizer: Any, specs: list[EvalSpec], progress: bool = True) -> dict[str, float]:
-    """Run every metric; returns label → value."""
-    return {spec.label: METRICS[spec.metric][1](model, tokenizer, spec, progress) for spec in specs}
+def evaluate(
+    model: Any, tokenizer: Any, specs: list[EvalSpec | LmEvalSpec], progress: bool = True
+) -> dict[str, float]:
+    """Run every metric; returns label → value (a metric with several values, e.g. lm_eval, labels each)."""
+    results: dict[str, float] = {}
+    for spec in specs:
+        value = METRICS[spec.metric][1](model, tokenizer, spec, progress)
+        results.update(value if isinstance(value, dict) else {spec.label: value})
+    return results

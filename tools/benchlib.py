@@ -4,6 +4,8 @@ The machines these benchmarks run on are often shared (2 cores, other jobs runni
 as much about the neighbours as about the code. The rules that make the figures comparable:
 
 * **Threads pinned** (``--threads``, default 1): torch's intra-op count is set once, before anything is timed.
+* **One clock per benchmark** (``--clock``): ``wall`` (what a user waits) or ``cpu`` (this process's CPU seconds,
+  which other processes on shared cores disturb far less); the page says which.
 * **Interleaved repeats**: :func:`interleaved` runs every case once per round, round after round (the order rotates
   each round), so that load from other processes hits every case alike. Each case gets the **median and range**
   of its repeats (:class:`Timing`); a ratio between two cases is the median of their per-round ratios
@@ -59,10 +61,19 @@ def repo_path(value: str | os.PathLike) -> Path:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, *, out: str | None = None, repeats: int | None = None, threads: int = 1
+    parser: argparse.ArgumentParser,
+    *,
+    out: str | None = None,
+    repeats: int | None = None,
+    threads: int = 1,
+    clock: str | None = None,
 ) -> None:
-    """The shared options: ``--threads`` always, ``--out`` if ``out`` is given, ``--repeats`` if ``repeats`` is."""
+    """The shared options: ``--threads`` always; ``--out``, ``--repeats``, ``--clock`` when given a default."""
     parser.add_argument("--threads", type=int, default=threads, help=f"torch intra-op threads (default {threads})")
+    if clock is not None:
+        parser.add_argument(
+            "--clock", choices=sorted(CLOCKS), default=clock, help=f"what a timing counts (default {clock})"
+        )
     if out is not None:
         parser.add_argument(
             "--out", type=repo_path, default=repo_path(out), help=f"relative to the repository root (default {out})"

@@ -122,15 +122,15 @@ def commit() -> str:
         done = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(  # the code only: a benchmark's own results files change while it runs
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", "compressx", "tools"],
             capture_output=True,
             text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() + (" (with local changes)" if dirty.stdout.strip() else "") or "unknown"
+    return done.stdout.strip() + (" (with local changes to the code)" if dirty.stdout.strip() else "") or "unknown"
 
 
 def command(argv: list[str] | None = None) -> str:

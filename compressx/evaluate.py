@@ -8,6 +8,8 @@
   ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
 * ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
   answer (``samples`` questions, the four kinds in equal parts).
+* ``lm_eval`` — causal language models: EleutherAI's lm-evaluation-harness on local task files and data
+  (``compressx.lm_harness``; optional extra ``compressx[lm_eval]``); no ``data`` block, one result per task metric.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from compressx.data import DataSpec, load_tokens
 from compressx.errors import CompressxError, ConfigError
 from compressx.images import ImageDataSpec, top1
 from compressx.layerwise import execution_device
+from compressx.lm_harness import LmEvalSpec, check_lm_eval_spec, parse_lm_eval_spec, run_lm_eval
 
 
 def _metrics_with_data() -> tuple[str, ...]:
@@ -99,10 +102,11 @@ def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool
 
 
 class Metric(NamedTuple):
-    """A metric: the model families it applies to, how it runs, and the data block it reads."""
+    """A metric: the model families it applies to, how it runs (one value, or label -> value), and the data block
+    it reads."""
 
     families: tuple[str, ...]
-    run: Callable[[Any, Any, EvalSpec, bool], float]
+    run: Callable[[Any, Any, Any, bool], float | dict[str, float]]
     data: type[DataSpec] | type[ImageDataSpec] | None  # None: the metric reads no data block
 
 
@@ -110,17 +114,34 @@ METRICS: dict[str, Metric] = {
     "perplexity": Metric(("llm",), _run_perplexity, DataSpec),
     "vqa_accuracy": Metric(("mllm",), _run_vqa_accuracy, DataSpec),
     "top1": Metric(("cnn", "vit", "any"), _run_top1, ImageDataSpec),
+    "lm_eval": Metric(("llm",), run_lm_eval, None),  # no data block: its tasks name their data
 }
-parse_eval_spec = EvalSpec.from_dict  # the name callers know
 
 
-def check_metric_applies(spec: EvalSpec, family: str) -> str | None:
+def parse_eval_spec(block: Any, base_dir: str | None = None) -> EvalSpec | LmEvalSpec:
+    """One entry of an eval list; ``base_dir``: the recipe's folder, which relative file paths start from
+    (lm_eval's ``task_dir``). An ``lm_eval`` entry has keys of its own (``compressx.lm_harness``)."""
+    if isinstance(block, dict) and block.get("metric") == "lm_eval":
+        return parse_lm_eval_spec(block, base_dir)
+    return EvalSpec.from_dict(block)
+
+
+def check_metric_applies(spec: EvalSpec | LmEvalSpec, family: str) -> str | None:
+    """A problem found before any work (wrong model family, missing extra or task folder); None when fine."""
     families = METRICS[spec.metric].families
     if family not in families:
         return f"metric '{spec.metric}' applies to {', '.join(families)} models, not to this {family} model"
+    if isinstance(spec, LmEvalSpec):
+        return check_lm_eval_spec(spec)
     return None
 
 
-def evaluate(model: Any, tokenizer: Any, specs: list[EvalSpec], progress: bool = True) -> dict[str, float]:
-    """Run every metric; returns label → value."""
-    return {spec.label: METRICS[spec.metric].run(model, tokenizer, spec, progress) for spec in specs}
+def evaluate(
+    model: Any, tokenizer: Any, specs: list[EvalSpec | LmEvalSpec], progress: bool = True
+) -> dict[str, float]:
+    """Run every metric; returns label → value (a metric with several values, e.g. lm_eval, labels each)."""
+    results: dict[str, float] = {}
+    for spec in specs:
+        value = METRICS[spec.metric].run(model, tokenizer, spec, progress)
+        results.update(value if isinstance(value, dict) else {spec.label: value})
+    return results

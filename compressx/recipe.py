@@ -44,7 +44,7 @@ from compressx.config import Block, option
 from compressx.data import CalibrationSpec
 from compressx.engine import StepSpec, parse_step
 from compressx.errors import CompressxError, ConfigError, RecipeError, unknown_key_message
-from compressx.evaluate import EvalSpec
+from compressx.evaluate import EvalSpec, parse_eval_spec
 from compressx.models import ModelSpec
 from compressx.push import PushSpec
 from compressx.registry import get_pass
@@ -163,8 +163,10 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw_eval, list):
         problems.append("eval: expected a list of {metric, data} mappings")
     else:
+        # relative file paths in an eval entry (lm_eval's task_dir) start from the recipe's folder
+        recipe_dir = str(Path(source).parent) if source != "<recipe>" else None
         for i, entry in enumerate(raw_eval):
-            parsed = block(f"eval[{i}]", EvalSpec.from_dict, entry)
+            parsed = block(f"eval[{i}]", lambda e: parse_eval_spec(e, recipe_dir), entry)
             if parsed:
                 evals.append(parsed)
 

@@ -160,7 +160,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["registry", "passes"], 1),  # the registry (and the list of built-in pass modules)
     "engine": 2,
     **dict.fromkeys(["passes.*", "layerwise", "training"], 3),  # the passes and what several share
-    **dict.fromkeys(["data", "images", "zoo", "zoo.*", "models", "evaluate", "builtin_trainer", "push"], 4),
+    **dict.fromkeys(
+        ["data", "images", "zoo", "zoo.*", "models", "evaluate", "builtin_trainer", "push", "lm_harness"], 4
+    ),
     **dict.fromkeys(["recipe", "schema"], 5),  # the recipe file format and its JSON Schema
     **dict.fromkeys(["export", "quant_export", "model_card", "report"], 6),
     "runner": 7,

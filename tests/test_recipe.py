@@ -79,7 +79,7 @@ BAD = [
         ("metric: perplexity", "metric: perplexty"),
         [
             "eval[0].metric",
-            "unknown metric 'perplexty'; allowed: perplexity, top1, vqa_accuracy; did you mean 'perplexity'?",
+            "unknown metric 'perplexty'; allowed: lm_eval, perplexity, top1, vqa_accuracy; did you mean 'perplexity'?",
         ],
     ),
     (("split: test", "split: tests"), ["eval[0].data.split", "allowed: train, val, test"]),

@@ -4,8 +4,9 @@ For 2x area (16x32 px) and 4x area (32x32 px) and each method, in one process:
 
 * UNet evaluations per image, in native-size units (a UNet call on V views of the native size counts V; CFG
   doubles the batch, not the count; direct generation counts its canvas area in native areas per call);
-* wall time per image (batch 1): median of ``--repeats`` runs, methods interleaved so that load from other
-  processes hits all of them alike;
+* time per image (batch 1, ``--clock``, wall by default): median and range of ``--repeats`` runs, methods
+  interleaved so that load from other processes hits all of them alike (tools/benchlib.py); ratios taken round by
+  round;
 * peak memory: the largest total size of the live tensors created during one generation (weights excluded),
   tracked per aten op with a ``TorchDispatchMode`` (CPU allocators do not report a peak; this counts what the
   generation itself holds at once, which is what grows with the resolution);
@@ -16,20 +17,17 @@ For 2x area (16x32 px) and 4x area (32x32 px) and each method, in one process:
 Ratios: time and evaluations against MultiDiffusion at the same size; peak memory against a native generation.
 Sample grids (rows: methods, columns: digits 0-9) go to ``docs/results/cutdiffusion/``.
 
-Run: PYTHONPATH=. python tools/bench_cutdiffusion.py
+Run: PYTHONPATH=. python tools/bench_cutdiffusion.py [--repeats 5] [--out docs/results/cutdiffusion.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
 import weakref
 from pathlib import Path
 
+import benchlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -37,7 +35,6 @@ from torch.utils._pytree import tree_leaves
 from compressx.passes.cutdiffusion import CutdiffusionConfig, cutdiffusion_sample, multidiffusion_config
 from compressx.zoo import cache_dir, get_member, load_zoo_model, sd_digits
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"native": (16, 16), "2x area": (16, 32), "4x area": (32, 32)}
 
 
@@ -99,13 +96,11 @@ def grid_png(rows: list[torch.Tensor], path: Path, zoom: int = 4) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--per-digit", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "docs/results/cutdiffusion.md"))
+    benchlib.add_arguments(parser, out="docs/results/cutdiffusion.md", repeats=5, clock="wall")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    run = benchlib.start(args)
     pipe, _ = load_zoo_model("sd_digits")
     pipe.set_progress_bar_config(disable=True)
     classifier = sd_digits.load_classifier(cache_dir(get_member("sd_digits")))
@@ -145,16 +140,16 @@ def main() -> None:
         row.update(sd_digits.digit_scores(classifier, images, labels))
         row["fd"] = sd_digits.frechet_distance(sd_digits.digit_features(classifier, images), real_features)
         row["grid"] = images[:10]
-        row["times"] = []
         results[(size_name, method)] = row
-        print(size_name, method, {k: v for k, v in row.items() if k not in ("grid", "times")}, flush=True)
-    for repeat in range(args.repeats):
-        for key in cases:
-            start = time.perf_counter()
-            generate(pipe, key[1], ["digit 3"], SIZES[key[0]], args.steps, repeat, args.guidance)
-            results[key]["times"].append(time.perf_counter() - start)
-    for row in results.values():
-        row["seconds"] = statistics.median(row["times"])
+        print(size_name, method, {k: v for k, v in row.items() if k != "grid"}, flush=True)
+    # the first generations above warmed every case up; seed 0 for all (the cost does not depend on it)
+    times = benchlib.interleaved(
+        {key: (lambda key=key: generate(pipe, key[1], ["digit 3"], SIZES[key[0]], args.steps, 0, args.guidance))
+         for key in cases},
+        args.repeats, warmup=0, clock=args.clock,
+    )  # fmt: skip
+    for key, row in results.items():
+        row["time"] = times[key]
 
     grid_dir = Path(args.out).with_suffix("")
     grid_dir.mkdir(parents=True, exist_ok=True)
@@ -163,31 +158,20 @@ def main() -> None:
         name = size_name.replace(" ", "_")
         grid_png([results[(size_name, m)]["grid"] for m in methods], grid_dir / f"{name}.png")
     build_info = json.loads((cache_dir(get_member("sd_digits")) / "build.json").read_text())
-    write_report(results, args, Path(args.out), grid_dir, build_info, real_floor)
+    write_report(results, args, run, args.out, grid_dir, build_info, real_floor)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_report(results, args, out: Path, grid_dir: Path, build_info: dict, real_floor: float) -> None:
+def write_report(results, args, run, out: Path, grid_dir: Path, build_info: dict, real_floor: float) -> None:
     native = results[("native", "plain")]
     rel = grid_dir.relative_to(out.parent)
     lines = [
         "# CutDiffusion on the zoo diffusion model (sd_digits)",
         "",
-        f"Command (CPU, {args.threads} thread(s)): `PYTHONPATH=. python tools/bench_cutdiffusion.py "
-        f"--steps {args.steps} --repeats {args.repeats} --per-digit {args.per_digit} --guidance {args.guidance} "
-        f"--threads {args.threads}`",
+        *run.header(),
         "",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__} "
-        "(wall times are medians of interleaved repeats; the evaluation counts do not depend on load).",
+        f"Settings: {args.steps} steps, CFG {args.guidance}, {args.per_digit} images per digit; times: "
+        f"{args.clock} seconds, median (range) of {args.repeats} interleaved repeats, ratios to MultiDiffusion taken "
+        "round by round (the evaluation counts do not depend on load).",
         "",
         f"Zoo build (`build.json`): {json.dumps(build_info)}.",
         "",
@@ -196,7 +180,7 @@ def write_report(results, args, out: Path, grid_dir: Path, build_info: dict, rea
         "window 8 latent px, stride 4, jitter 1, view batch 1); MultiDiffusion: the same windows at every step, no "
         "jitter; direct: the plain pipeline at the target size.",
         "",
-        "| size | method | UNet evals / image | evals vs Multi | time / image (s) | time vs Multi "
+        "| size | method | UNet evals / image | evals vs Multi | time / image (s) | time vs Multi, per round "
         "| peak tensor memory (KiB) | memory vs native | digit accuracy | prompted-digit confidence "
         "| FD to real digits |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -205,7 +189,8 @@ def write_report(results, args, out: Path, grid_dir: Path, build_info: dict, rea
         multi = results.get((size_name, "multidiffusion"), row)
         lines.append(
             f"| {size_name} {SIZES[size_name][0]}x{SIZES[size_name][1]} | {method} | {row['evals']} "
-            f"| {row['evals'] / multi['evals']:.2f} | {row['seconds']:.3f} | {row['seconds'] / multi['seconds']:.2f} "
+            f"| {row['evals'] / multi['evals']:.2f} | {row['time'].format(3)} "
+            f"| {benchlib.ratio(row['time'], multi['time']).format(2)} "
             f"| {row['peak_bytes'] / 1024:.0f} | {row['peak_bytes'] / native['peak_bytes']:.2f} "
             f"| {row['accuracy']:.2f} | {row['confidence']:.3f} | {row['fd']:.3g} |"
         )
@@ -226,7 +211,7 @@ def write_report(results, args, out: Path, grid_dir: Path, build_info: dict, rea
         f"[native]({rel}/native.png), [2x area]({rel}/2x_area.png), [4x area]({rel}/4x_area.png).",
         "",
     ]
-    out.write_text("\n".join(lines))
+    benchlib.write(out, lines)
     print("\n".join(lines))
 
 

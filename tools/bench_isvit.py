@@ -4,14 +4,15 @@ For each bit-width (W = A) and seed (the calibration sample and, for ``isvit``, 
 
 * top-1 on the noisy digits test split (``vit_digits.NOISE``), never used for calibration;
 * for ``isvit``, the top-1 after each SOS stage (1: activations only, channel-wise post-LN; 2: folded; 3: all);
-* calibration wall time (the ratio to ``repq_vit``'s is reported);
+* calibration time (``--clock``, wall by default); the ratio to ``repq_vit``'s is reported as the median (range)
+  of the per-seed ratios, the two runs of a pair made one after the other in this process (tools/benchlib.py);
 * the export size of the quantized weights (packed codes + scales) against fp16, from ``quant_export``.
 
 Calibration images come from the noisy digits training split; ``isvit`` runs its ``fast`` preset (256 images,
 100 iterations, lr 1e-4) unless ``--iterations`` / ``--lr`` say otherwise. Results are appended to a JSON file
 (one row per run, so an interrupted run resumes) and summarised as a markdown table on stdout.
 
-Run: PYTHONPATH=. OMP_NUM_THREADS=1 python tools/bench_isvit.py --json docs/results/isvit.json
+Run: PYTHONPATH=. python tools/bench_isvit.py --json docs/results/isvit.json    (--json: from the repository root)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import copy
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import benchlib
 import torch
 
 import compressx
@@ -42,25 +43,27 @@ def _row_key(row: dict) -> tuple:
 def run_one(fp: torch.nn.Module, method: str, bits: int, seed: int, args: argparse.Namespace, calib, test) -> dict:
     model = copy.deepcopy(fp)
     stages: dict[str, float] = {}
-    start = time.perf_counter()
+    tick = benchlib.CLOCKS[args.clock]
+    start = tick()
     if method == "isvit":
         overrides = {k: v for k, v in (("iterations", args.iterations), ("lr", args.lr)) if v is not None}
         config = IsvitConfig(preset="fast", w_bits=bits, a_bits=bits, seed=seed, **overrides)
         timed = {"eval": 0.0}
 
         def after_stage(stage: int, m: torch.nn.Module) -> None:
-            t = time.perf_counter()
+            t = tick()
             if stage < 3:
                 stages[f"stage{stage}"] = top1(m, test)
-            timed["eval"] += time.perf_counter() - t
+            timed["eval"] += tick() - t
 
         run_isvit(model, config, calib, after_stage=after_stage)
-        seconds = time.perf_counter() - start - timed["eval"]
+        seconds = tick() - start - timed["eval"]
     else:
         config = {"w_bits": bits, "a_bits": bits, "seed": seed}
         compressx.apply(model, [{"pass": method, "config": config}], data=calib, progress=False)
-        seconds = time.perf_counter() - start
+        seconds = tick() - start
     row = {"method": method, "bits": bits, "seed": seed, "top1": top1(model, test), "seconds": round(seconds, 2)}
+    row["clock"] = args.clock
     if stages:
         row["stage_top1"] = stages
     if seed == args.seeds[0]:
@@ -92,10 +95,13 @@ def summary(rows: list[dict], fp_top1: float) -> str:
         lines.append(f"| `isvit` after {stage} | " + " | ".join(cells) + " |")
     times = []
     for b in bits:
-        isvit = [r["seconds"] for r in rows if r["method"] == "isvit" and r["bits"] == b]
-        repq = [r["seconds"] for r in rows if r["method"] == "repq_vit" and r["bits"] == b]
-        times.append(f"{statistics.mean(isvit) / statistics.mean(repq):.0f}×" if isvit and repq else "—")
-    lines.append("| `isvit` calibration time / `repq_vit`'s | " + " | ".join(times) + " |")
+        # paired by seed: the two runs of a seed were made one after the other, under about the same load
+        seconds = {(r["method"], r["seed"]): r["seconds"] for r in rows if r["bits"] == b}
+        pairs = [seconds[("isvit", s)] / seconds[("repq_vit", s)] for m, s in seconds if m == "isvit"
+                 if seconds.get(("repq_vit", s))]  # fmt: skip
+        ratio = benchlib.Timing(tuple(pairs))
+        times.append(f"{ratio.median:.0f}× ({ratio.low:.0f}–{ratio.high:.0f}×)" if pairs else "—")
+    lines.append("| `isvit` calibration time / `repq_vit`'s, median (range) over seeds | " + " | ".join(times) + " |")
     sizes = []
     for b in bits:
         found = [r["export_sizes"] for r in rows if r["method"] == "isvit" and r["bits"] == b and "export_sizes" in r]
@@ -111,10 +117,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--iterations", type=int, default=None, help="isvit iterations (default: fast preset)")
     parser.add_argument("--lr", type=float, default=None, help="isvit learning rate (default: fast preset)")
-    parser.add_argument("--json", type=Path, default=Path("isvit_bench.json"))
+    parser.add_argument("--json", type=benchlib.repo_path, default=benchlib.repo_path("isvit_bench.json"))
+    benchlib.add_arguments(parser, clock="wall")
     args = parser.parse_args()
-
-    torch.set_num_threads(1)
+    run = benchlib.start(args)
     fp, _ = load_zoo_model(vit_digits.NAME, progress=False)
     test = parse_image_data_spec({"source": "digits", "split": "test", "noise": vit_digits.NOISE})
     calib = image_dataset(parse_image_data_spec({"source": "digits", "split": "train", "noise": vit_digits.NOISE}))
@@ -131,6 +137,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 args.json.write_text(json.dumps({"fp_top1": fp_top1, "args": vars(args) | {"json": str(args.json)},
                                                  "runs": rows}, indent=1) + "\n")  # fmt: skip
+    print("\n".join(run.header()))
     print(summary(rows, fp_top1))
 
 

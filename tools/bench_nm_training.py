@@ -12,12 +12,13 @@ init, data order and optimiser for every method of a seed (paired design). Metho
 
 Accuracy is the **last-epoch** top-1 on the noisy test split, measured on the finalised plain model (N:M
 checked). Step time: every method prepared at the pattern, trained in interleaved rounds of steps in this
-process, median CPU seconds per step (forward, backward, SGD step; one intra-op thread, this thread's CPU time,
-so that other processes on the machine do not skew the ratio) as a ratio to dense; LBC is timed inside its
-removal window (scores still trained), its costliest phase.
+process (tools/benchlib.py), CPU seconds per step (forward, backward, SGD step; one pinned intra-op thread, this
+process's CPU time, so that other processes on the machine do not skew the ratio); the ratio to dense is taken
+round by round, median and range. LBC is timed inside its removal window (scores still trained), its costliest
+phase. Step times are recomputed when missing from the JSON (delete its ``step_times`` to re-measure only them).
 
-Run:  python tools/bench_nm_training.py              (about 16 min on 2 busy CPU cores; resumable)
-      python tools/bench_nm_training.py --seeds 1 --patterns 2:4 --epochs 4   (a quick look)
+Run:  PYTHONPATH=. python tools/bench_nm_training.py       (about 16 min on 2 busy CPU cores; resumable)
+      PYTHONPATH=. python tools/bench_nm_training.py --seeds 1 --patterns 2:4 --epochs 4   (a quick look)
 Results: docs/results/nm_training.md (and the raw runs in docs/results/nm_training.json).
 """
 
@@ -26,12 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import benchlib
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +39,6 @@ from compressx.builtin_trainer import parse_train_spec, train
 from compressx.images import parse_image_data_spec, top1
 from compressx.zoo import resnet_digits
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dense", "magnitude_finetune", "sr_ste", "lbc", "spre")
 DATA = {"source": "digits", "split": "train", "train_images": 500, "noise": 0.25, "seed": 0}
 TEST = {"source": "digits", "split": "test", "noise": 0.25, "seed": 0}
@@ -91,8 +89,8 @@ def run_one(method: str, pattern: str, epochs: int, seed: int) -> dict:
     }
 
 
-def step_times(pattern: str, epochs: int, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per training step of each method at ``pattern``, interleaved in rounds."""
+def step_times(pattern: str, epochs: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """CPU seconds per training step of each method at ``pattern``, one sample per interleaved round."""
     spec = train_spec(epochs, 0)
     from compressx.images import digits_tensors
 
@@ -105,31 +103,25 @@ def step_times(pattern: str, epochs: int, rounds: int, steps: int) -> dict[str, 
             handle.on_epoch_start(1)  # LBC: inside its removal window, scores trained
         model.train()
         models[method] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4))
-    samples: dict[str, list[float]] = {m: [] for m in METHODS}
 
-    def step(model, optimizer):
-        loss = F.cross_entropy(model(batch[0]), batch[1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def train_steps(method: str) -> None:
+        model, optimizer = models[method]
+        for _ in range(steps):
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-    # One intra-op thread and this thread's CPU time: the ratios then hold even when other processes share the
-    # cores (wall time under contention measures the scheduler more than the pass).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for method in METHODS:  # warm-up
-            for _ in range(3):
-                step(*models[method])
-        for _ in range(rounds):
-            for method in METHODS:
-                tick = time.thread_time()
-                for _ in range(steps):
-                    step(*models[method])
-                samples[method].append((time.thread_time() - tick) / steps)
-    finally:
-        torch.set_num_threads(threads)
-    return {m: statistics.median(v) for m, v in samples.items()}
+    # One pinned intra-op thread (benchlib.start) and CPU time: the ratios then hold even when other processes
+    # share the cores (wall time under contention measures the scheduler more than the pass).
+    cases = {m: (lambda m=m: train_steps(m)) for m in METHODS}
+    times = benchlib.interleaved(cases, rounds, clock="cpu", progress=False)
+    return {m: [t / steps for t in timing.samples] for m, timing in times.items()}
+
+
+def step_ratio(timings: dict, pattern: str, method: str) -> benchlib.Timing:
+    samples = timings[pattern]
+    return benchlib.ratio(benchlib.Timing(tuple(samples[method])), benchlib.Timing(tuple(samples["dense"])))
 
 
 def paired(results: list[dict], pattern: str, a: str, b: str) -> tuple[float, float, int, int]:
@@ -155,19 +147,19 @@ def expectations(results: list[dict], timings: dict, patterns: list[str]) -> lis
     verdict = "holds" if all(d[0] >= 0 for d in diffs.values()) else "does not hold"
     out.append(f"- SpRe no worse than magnitude + fine-tune (mean paired difference >= 0): {cells} ({verdict}).")
     if "2:4" in timings:
-        ratio = timings["2:4"]["lbc"] / timings["2:4"]["dense"]
+        ratio = step_ratio(timings, "2:4", "lbc").median
         verdict = "holds" if ratio <= 1.5 else "does not hold"
         out.append(f"- LBC step time at most 1.5x dense at 2:4: {ratio:.2f}x ({verdict}).")
     return out
 
 
-def write_markdown(results: list[dict], timings: dict, args, path: Path, wall: float) -> None:
+def write_markdown(results: list[dict], timings: dict, args, run: benchlib.Run, wall: float) -> None:
     lines = [
         "# N:M training on the zoo digits ResNet: accuracy and step time",
         "",
-        f"Command: `{' '.join(['python tools/bench_nm_training.py', *sys.argv[1:]])}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
-        f"{wall / 60:.0f} min wall in all (other work shared the 2 cores).",
+        *run.header(),
+        f"(the header describes the last invocation, which ran only what the JSON lacked; {wall / 60:.0f} min wall "
+        "over all invocations, other work sharing the 2 cores)",
         "",
         "Setting: `resnet_digits` from scratch (stem and classifier dense for all but SpRe, whose classifier is N:M "
         "as in its ResNets), digits with 500 training images and input noise σ = 0.25 (train and test), "
@@ -221,18 +213,19 @@ def write_markdown(results: list[dict], timings: dict, args, path: Path, wall: f
     if timings:
         lines += ["", "## Training-step time, ratio to dense", ""]
         lines += [
-            f"Median of {args.rounds} interleaved rounds of {args.steps} steps (batch 64, forward + backward + SGD "
-            "step), CPU time of one intra-op thread. LBC inside its removal window (scores trained).",
+            f"{args.rounds} interleaved rounds of {args.steps} steps (batch 64, forward + backward + SGD step), CPU "
+            "time of one pinned intra-op thread; the ratio to dense taken round by round, median (range). LBC "
+            "inside its removal window (scores trained).",
             "",
         ]
         lines += ["| pattern | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-        for pattern, t in timings.items():
-            lines.append(f"| {pattern} | " + " | ".join(f"{t[m] / t['dense']:.2f}x" for m in METHODS) + " |")
+        for pattern in timings:
+            cells = [f"{step_ratio(timings, pattern, m).format(2)}x" for m in METHODS]
+            lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append(
-            "Dense step (CPU time): " + ", ".join(f"{p}: {t['dense'] * 1000:.1f} ms" for p, t in timings.items())
-        )
-    path.write_text("\n".join(lines) + "\n")
+        dense = {p: benchlib.Timing(tuple(t["dense"])) for p, t in timings.items()}
+        lines.append("Dense step (CPU ms): " + ", ".join(f"{p}: {t.format(1, 1000)}" for p, t in dense.items()))
+    benchlib.write(args.out.with_suffix(".md"), lines)
 
 
 def main() -> None:
@@ -242,16 +235,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the training runs")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "nm_training"))
+    # tiny convs: one thread is as fast, and steady beside other processes
+    benchlib.add_arguments(parser, out="docs/results/nm_training")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # tiny convs: one thread is as fast, and steady beside other processes
+    run = benchlib.start(args)
     args.seed_list = list(range(args.seeds))
     logging.basicConfig(level=logging.WARNING)
-    raw_path, md_path = Path(args.out + ".json"), Path(args.out + ".md")
-    state = json.loads(raw_path.read_text()) if raw_path.is_file() else {"runs": [], "timings": {}}
+    raw_path = args.out.with_suffix(".json")
+    state = json.loads(raw_path.read_text()) if raw_path.is_file() else {"runs": [], "step_times": {}}
     if state.get("epochs", args.epochs) != args.epochs:
-        state = {"runs": [], "timings": {}}
+        state = {"runs": [], "step_times": {}}
+    state.pop("timings", None)  # medians only, before tools/benchlib.py: measured again as step_times
+    state.setdefault("step_times", {})
     state["epochs"] = args.epochs
     done = {(r["method"], r["pattern"], r["seed"]) for r in state["runs"]}
     start = time.perf_counter()
@@ -266,18 +261,15 @@ def main() -> None:
                 raw_path.write_text(json.dumps(state, indent=1) + "\n")
                 label = f"seed {seed} {method:<18} {pattern or 'dense':<5}"
                 print(f"{label} top1 {result['top1']:.2f}  ({result['seconds']:.0f} s)", flush=True)
+    timings = state["step_times"]
     for pattern in args.patterns:
-        if pattern not in state["timings"]:
-            state["timings"][pattern] = step_times(pattern, args.epochs, args.rounds, args.steps)
+        if pattern not in timings:
+            timings[pattern] = step_times(pattern, args.epochs, args.rounds, args.steps)
             raw_path.write_text(json.dumps(state, indent=1) + "\n")
-            print(
-                pattern,
-                {m: f"{t / state['timings'][pattern]['dense']:.2f}x" for m, t in state["timings"][pattern].items()},
-            )
+            print(pattern, {m: f"{step_ratio(timings, pattern, m).median:.2f}x" for m in METHODS}, flush=True)
     state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - start
     raw_path.write_text(json.dumps(state, indent=1) + "\n")
-    write_markdown(state["runs"], state["timings"], args, md_path, state["wall_seconds"])
-    print(f"wrote {md_path}")
+    write_markdown(state["runs"], timings, args, run, state["wall_seconds"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from compressx.errors import CompressxError
-from compressx.layerwise import LinearStats, capture_layer_inputs, decoder_layers, prune_layer_by_layer
+from compressx.layerwise import LinearStats, calibrate_layers, capture_layer_inputs, decoder_layers
 from compressx.passes.magnitude import MagnitudeConfig, magnitude_mask
 
 
@@ -44,15 +44,12 @@ def test_layer_by_layer_equals_direct_whole_model_computation(tiny_llama):
     for module in targets.values():
         module.weight.data.mul_(magnitude_mask(module.weight, config))
     seen = []
-
-    def prune(index, linears, stats):
-        seen.append((index, sorted(linears)))
-        for linear in linears.values():
-            linear.weight.data.mul_(magnitude_mask(linear.weight, config))
-
     layered_targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    prune_layer_by_layer(tiny_llama, tokens, layered_targets, prune, progress=False)
+    for layer in calibrate_layers(tiny_llama, tokens, layered_targets, progress=False):
+        seen.append((layer.index, sorted(layer.linears)))
+        for linear in layer.linears.values():
+            linear.weight.data.mul_(magnitude_mask(linear.weight, config))
     assert [i for i, _ in seen] == [0, 1]
     assert seen[0][1] == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])  # fmt: skip
@@ -66,14 +63,11 @@ def test_second_layer_is_calibrated_on_pruned_outputs(tiny_llama):
 
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     recorded = {}
-
-    def prune(index, linears, stats):
-        recorded[index] = stats["self_attn.q_proj"].mean.clone()
-        for linear in linears.values():
-            linear.weight.data.zero_()  # an extreme pruning makes the difference obvious
-
     targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    prune_layer_by_layer(tiny_llama, tokens, targets, prune, progress=False)
+    for layer in calibrate_layers(tiny_llama, tokens, targets, progress=False):
+        recorded[layer.index] = layer.stats["self_attn.q_proj"].mean.clone()
+        for linear in layer.linears.values():
+            linear.weight.data.zero_()  # an extreme pruning makes the difference obvious
     dense = make_tiny_llama()
     captured = []
     hook = dense.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
@@ -86,8 +80,7 @@ def test_second_layer_is_calibrated_on_pruned_outputs(tiny_llama):
 
 def test_targets_outside_decoder_layers_are_refused(tiny_llama):
     with pytest.raises(CompressxError, match="lm_head is outside: add to ignore"):
-        prune_layer_by_layer(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"lm_head": tiny_llama.lm_head},
-                             lambda *a: None)  # fmt: skip
+        calibrate_layers(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"lm_head": tiny_llama.lm_head})
 
 
 def test_gpt_neox_decoder_layers_are_found_without_a_table():

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
-from compressx.ops.token_withdrawal import TokenWithdrawal, decoder_of, keep_index, withdrawal_flops
+from compressx.hooks.flops import withdrawal_flops
+from compressx.hooks.token_withdrawal import TokenWithdrawal, decoder_of, keep_index
 from compressx.passes.vtw import withdrawal_problems
 from compressx.registry import PassContext, PassResult, register_pass
 

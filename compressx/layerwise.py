@@ -230,7 +230,7 @@ class CalibratedLayer:
     index: int
     prefix: str  # the layer's full name with a trailing dot: ``prefix + name`` is a Linear's full name
     linears: dict[str, nn.Module]  # the target Linears (or Conv1D) of the layer, named relative to it
-    stats: dict[str, LinearStats]  # their input statistics, on the still-dense layer
+    stats: dict[str, LinearStats]  # their input statistics, on the still-dense layer; emptied when the loop advances
     info: dict[str, Any] | None = None
 
 
@@ -359,6 +359,7 @@ class calibrate_layers:  # noqa: N801 — used as a function: ``for layer in cal
                         check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
                         current = CalibratedLayer(index, prefix, linears, stats)
                         yield current
+                        current.stats.clear()  # the pass's loop variable still holds the layer: free its Hessians
                         self._count(prefix, linears)
                         for name, linear in linears.items():
                             if offloaded:

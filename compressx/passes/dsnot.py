@@ -49,6 +49,7 @@ from compressx.errors import ConfigError
 from compressx.layerwise import (
     DECODER_LINEARS,
     LAYERWISE_TYPES,
+    CalibratedLayer,
     LinearStats,
     calibrate_layers,
     is_mlp,
@@ -258,6 +259,38 @@ def initial_mask(
     return dense * keep, keep, score
 
 
+def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotConfig, ctx: PassContext) -> None:
+    """Prune one decoder layer's Linears with the initial method and refine their masks; sets ``layer.info``.
+    A function of its own so that its weight-sized temporaries are freed before the next layer is calibrated."""
+    threshold = config.update_threshold / REFERENCE_SEQ_LEN
+    layer.info = {}  # this layer's part of the report: kept in the layer checkpoint
+    for name, linear in layer.linears.items():
+        s = layer.stats[name]
+        weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
+        if config.init == "previous":
+            current = weight.detach().float()
+            original = ctx.original_weights[layer.prefix + name]  # stored as the module holds it
+            dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
+            keep, score = current != 0, wanda_scores(current, s.sq_norm)
+        else:
+            dense = weight
+            current, keep, score = initial_mask(weight, s, config)
+        if is_mlp(model, name) and not config.refine_mlp:
+            weight.copy_(current.to(weight.dtype))
+            continue
+        result = dsnot_refine(
+            dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
+            threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
+            init_score=score,
+        )  # fmt: skip
+        weight.copy_(result.weight.to(weight.dtype))
+        layer.info[f"layers.{layer.index}.{name}"] = {
+            "mean_abs_error_before": result.error_before.abs().mean().item(),
+            "mean_abs_error_after": result.error_after.abs().mean().item(),
+            "mean_swaps_per_row": result.swaps.float().mean().item(),
+        }
+
+
 def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
     return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
@@ -276,7 +309,6 @@ def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
 )
 def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> PassResult:
     """Prune with the initial method and refine each mask with DSnoT, layer by layer."""
-    threshold = config.update_threshold / REFERENCE_SEQ_LEN
     if config.init == "previous":  # check every mask before any layer is refined
         for name, module in ctx.targets.items():
             keep = weight_matrix(module) != 0
@@ -291,32 +323,7 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:
-            layer.info = {}  # this layer's part of the report: kept in the layer checkpoint
-            for name, linear in layer.linears.items():
-                s = layer.stats[name]
-                weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
-                if config.init == "previous":
-                    current = weight.detach().float()
-                    original = ctx.original_weights[layer.prefix + name]  # stored as the module holds it
-                    dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
-                    keep, score = current != 0, wanda_scores(current, s.sq_norm)
-                else:
-                    dense = weight
-                    current, keep, score = initial_mask(weight, s, config)
-                if is_mlp(model, name) and not config.refine_mlp:
-                    weight.copy_(current.to(weight.dtype))
-                    continue
-                result = dsnot_refine(
-                    dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
-                    threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
-                    init_score=score,
-                )  # fmt: skip
-                weight.copy_(result.weight.to(weight.dtype))
-                layer.info[f"layers.{layer.index}.{name}"] = {
-                    "mean_abs_error_before": result.error_before.abs().mean().item(),
-                    "mean_abs_error_after": result.error_after.abs().mean().item(),
-                    "mean_swaps_per_row": result.swaps.float().mean().item(),
-                }
+            _prune_and_refine(model, layer, config, ctx)
     refined = {key: value for info in calibration.infos.values() for key, value in info.items()}
     report = sparsity_report(calibration.counts)
     before = sum(r["mean_abs_error_before"] for r in refined.values())

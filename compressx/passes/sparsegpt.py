@@ -106,10 +106,9 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
     with torch.no_grad():
         for layer in calibration:
             for name, linear in layer.linears.items():
-                weight = weight_matrix(linear)
-                new_weight, _ = sparsegpt_prune(
+                weight = weight_matrix(linear)  # no weight-sized temporary is kept past the Linear
+                weight.copy_(sparsegpt_prune(
                     weight, layer.stats[name].hessian, config.sparsity, config.nm,
                     scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
-                )  # fmt: skip
-                weight.copy_(new_weight)
+                )[0])  # fmt: skip
     return PassResult(report=sparsity_report(calibration.counts))

@@ -94,4 +94,5 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
                 weight = weight_matrix(linear)
                 keep = wanda_mask(weight, layer.stats[name].sq_norm, config.sparsity, config.nm)
                 weight.masked_fill_(~keep.to(weight.device), 0.0)
+                del keep  # not held while the next layer is calibrated
     return PassResult(report=sparsity_report(calibration.counts))

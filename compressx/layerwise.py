@@ -44,7 +44,7 @@ from compressx.checkpoint import LayerCheckpoints
 from compressx.errors import CompressxError
 from compressx.memory import release_freed_memory
 from compressx.offload import offloaded_modules, onloaded, write_back
-from compressx.ops.sparsity import check_finite
+from compressx.ops.sparsity import check_finite, nm_shape_problems
 from compressx.targets import TransposedLinear, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
     except (CompressxError, AttributeError) as err:
         return [str(err)]
     return []
+
+
+def layerwise_nm_problems(targets: dict[str, nn.Module], config: Any) -> list[str]:
+    """``register_pass(check=...)`` of the layer-wise passes: targets whose shape cannot take ``config.nm``."""
+    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
 
 def is_mlp(model: nn.Module, relative_name: str) -> bool:

@@ -53,10 +53,11 @@ from compressx.layerwise import (
     LinearStats,
     calibrate_layers,
     is_mlp,
+    layerwise_nm_problems,
     layerwise_problems,
 )
 from compressx.ops.pruning_scores import sparsegpt_prune, sparsegpt_scores, wanda_scores
-from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
+from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.targets import TransposedLinear, weight_matrix
 
@@ -291,10 +292,6 @@ def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotCon
         }
 
 
-def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
-    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
-
-
 @register_pass(
     "dsnot",
     config=DsnotConfig,
@@ -304,7 +301,7 @@ def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=_check,
+    check=layerwise_nm_problems,
     check_model=layerwise_problems,
 )
 def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> PassResult:

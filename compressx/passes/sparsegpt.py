@@ -32,9 +32,15 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import DECODER_LINEARS, LAYERWISE_TYPES, calibrate_layers, layerwise_problems
+from compressx.layerwise import (
+    DECODER_LINEARS,
+    LAYERWISE_TYPES,
+    calibrate_layers,
+    layerwise_nm_problems,
+    layerwise_problems,
+)
 from compressx.ops.pruning_scores import sparsegpt_prune
-from compressx.ops.sparsity import nm_shape_problems, resolve_pattern, sparsity_report
+from compressx.ops.sparsity import resolve_pattern, sparsity_report
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.targets import weight_matrix
 
@@ -81,10 +87,6 @@ class SparsegptConfig(PassConfig):
         return resolve_pattern(self.sparsity, self.pattern)[1]
 
 
-def _check(targets: dict[str, nn.Module], config: SparsegptConfig) -> list[str]:
-    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
-
-
 @register_pass(
     "sparsegpt",
     config=SparsegptConfig,
@@ -94,7 +96,7 @@ def _check(targets: dict[str, nn.Module], config: SparsegptConfig) -> list[str]:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=_check,
+    check=layerwise_nm_problems,
     check_model=layerwise_problems,
 )
 def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext) -> PassResult:

@@ -24,9 +24,15 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import DECODER_LINEARS, LAYERWISE_TYPES, calibrate_layers, layerwise_problems
+from compressx.layerwise import (
+    DECODER_LINEARS,
+    LAYERWISE_TYPES,
+    calibrate_layers,
+    layerwise_nm_problems,
+    layerwise_problems,
+)
 from compressx.ops.pruning_scores import wanda_scores
-from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
+from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.targets import weight_matrix
 
@@ -66,10 +72,6 @@ def wanda_mask(
     return nm_mask(scores, *nm) if nm else topk_mask(scores, sparsity, dim=1)
 
 
-def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
-    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
-
-
 @register_pass(
     "wanda",
     config=WandaConfig,
@@ -79,7 +81,7 @@ def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=_check,
+    check=layerwise_nm_problems,
     check_model=layerwise_problems,
 )
 def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> PassResult:

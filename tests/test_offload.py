@@ -121,3 +121,18 @@ def test_disk_offloaded_pruning_keeps_only_the_current_layer_alive(tmp_path):
     activations = 2 * tokens.numel() * config.hidden_size * 4
     assert max(live) < layer_bytes + activations + layer_bytes / 2, (live, layer_bytes, activations)
     assert live_cpu_tensor_bytes() - before < layer_bytes / 2  # nothing onloaded remains afterwards
+
+
+def test_leaving_the_calibration_loop_early_offloads_the_layer_and_restores_the_model(tmp_path):
+    """A pass that stops (break, or an error) in its loop body leaves no weights onloaded and use_cache as it was."""
+    from conftest import make_tiny_llama
+
+    model = disk_offload(make_tiny_llama(), str(tmp_path / "off"), execution_device=torch.device("cpu"))
+    model.config.use_cache = True
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    for layer in calibrate_layers(model, TOKENS, targets, progress=False):
+        assert layer.index == 0 and layer.linears["self_attn.q_proj"].weight.device.type == "cpu"  # onloaded
+        assert model.config.use_cache is False
+        break
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    assert model.config.use_cache is True

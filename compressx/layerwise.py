@@ -239,8 +239,8 @@ class CalibratedLayer:
     info: dict[str, Any] | None = None
 
 
-class calibrate_layers:  # noqa: N801 — used as a function: ``for layer in calibrate_layers(...)``
-    """Layer-by-layer calibration as a loop the pass owns (see the module docstring)::
+class LayerwiseCalibration:
+    """Layer-by-layer calibration as a loop the pass owns (see the module docstring); made by ``calibrate_layers``::
 
         calibration = calibrate_layers(model, tokens, targets)
         for layer in calibration:
@@ -383,3 +383,22 @@ class calibrate_layers:  # noqa: N801 — used as a function: ``for layer in cal
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache
+
+
+def calibrate_layers(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    targets: dict[str, nn.Module],
+    *,
+    with_hessian: bool = False,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    checkpoint: LayerCheckpoints | None = None,
+) -> LayerwiseCalibration:
+    """``for layer in calibrate_layers(model, tokens, targets): ...`` — see ``LayerwiseCalibration``. Refuses
+    targets outside the decoder layers at once, before any forward."""
+    return LayerwiseCalibration(
+        model, tokens, targets, with_hessian=with_hessian, batch_size=batch_size, device=device,
+        progress=progress, checkpoint=checkpoint,
+    )  # fmt: skip

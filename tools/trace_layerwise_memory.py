@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from compressx.layerwise import calibrate_layers
+from compressx.layerwise import LayerwiseCalibration
 from compressx.memory import live_cpu_tensor_bytes
 
 
@@ -80,7 +80,7 @@ def main() -> None:
         print(f"loaded: anon {loaded[0]:.0f} MiB, file {loaded[1]:.0f} MiB, live tensors {live_tensor_mib():.0f} MiB")
         print("layer | anon above loaded | file above loaded | live tensors (MiB), at the start of its pruning")
 
-        class Traced(calibrate_layers):
+        class Traced(LayerwiseCalibration):
             def __iter__(self):
                 for layer in super().__iter__():
                     anon, file = rss_mib()
@@ -90,6 +90,7 @@ def main() -> None:
                     )
                     yield layer
 
+        calibrate_layers = wanda.calibrate_layers
         wanda.calibrate_layers = Traced
         tokens = torch.randint(0, 256, (SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(0))
         step = {"pass": "wanda", "config": {"sparsity": 0.5, "batch_size": 4}}

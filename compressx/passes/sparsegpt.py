@@ -35,6 +35,7 @@ from compressx.errors import ConfigError
 from compressx.layerwise import (
     DECODER_LINEARS,
     LAYERWISE_TYPES,
+    CalibratedLayer,
     calibrate_layers,
     layerwise_nm_problems,
     layerwise_problems,
@@ -87,6 +88,18 @@ class SparsegptConfig(PassConfig):
         return resolve_pattern(self.sparsity, self.pattern)[1]
 
 
+def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
+    """Prune and update one decoder layer's Linears. A function of its own so that nothing it made (updated
+    weights, onloaded weight views) stays alive while the next layer is calibrated."""
+    for name, linear in layer.linears.items():
+        weight = weight_matrix(linear)
+        new_weight, _ = sparsegpt_prune(
+            weight, layer.stats[name].hessian, config.sparsity, config.nm,
+            scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
+        )  # fmt: skip
+        weight.copy_(new_weight)
+
+
 @register_pass(
     "sparsegpt",
     config=SparsegptConfig,
@@ -107,10 +120,5 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:
-            for name, linear in layer.linears.items():
-                weight = weight_matrix(linear)  # no weight-sized temporary is kept past the Linear
-                weight.copy_(sparsegpt_prune(
-                    weight, layer.stats[name].hessian, config.sparsity, config.nm,
-                    scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
-                )[0])  # fmt: skip
+            _prune_layer(layer, config)
     return PassResult(report=sparsity_report(calibration.counts))

@@ -27,6 +27,7 @@ from compressx.errors import ConfigError
 from compressx.layerwise import (
     DECODER_LINEARS,
     LAYERWISE_TYPES,
+    CalibratedLayer,
     calibrate_layers,
     layerwise_nm_problems,
     layerwise_problems,
@@ -72,6 +73,15 @@ def wanda_mask(
     return nm_mask(scores, *nm) if nm else topk_mask(scores, sparsity, dim=1)
 
 
+def _prune_layer(layer: CalibratedLayer, config: WandaConfig) -> None:
+    """Prune one decoder layer's Linears. A function of its own so that nothing it made (masks, onloaded weight
+    views) stays alive while the next layer is calibrated."""
+    for name, linear in layer.linears.items():
+        weight = weight_matrix(linear)
+        keep = wanda_mask(weight, layer.stats[name].sq_norm, config.sparsity, config.nm)
+        weight.masked_fill_(~keep.to(weight.device), 0.0)
+
+
 @register_pass(
     "wanda",
     config=WandaConfig,
@@ -92,9 +102,5 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:
-            for name, linear in layer.linears.items():
-                weight = weight_matrix(linear)
-                keep = wanda_mask(weight, layer.stats[name].sq_norm, config.sparsity, config.nm)
-                weight.masked_fill_(~keep.to(weight.device), 0.0)
-                del keep  # not held while the next layer is calibrated
+            _prune_layer(layer, config)
     return PassResult(report=sparsity_report(calibration.counts))

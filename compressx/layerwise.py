@@ -386,19 +386,8 @@ class LayerwiseCalibration:
 
 
 def calibrate_layers(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    targets: dict[str, nn.Module],
-    *,
-    with_hessian: bool = False,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    checkpoint: LayerCheckpoints | None = None,
+    model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn.Module], **options: Any
 ) -> LayerwiseCalibration:
-    """``for layer in calibrate_layers(model, tokens, targets): ...`` — see ``LayerwiseCalibration``. Refuses
-    targets outside the decoder layers at once, before any forward."""
-    return LayerwiseCalibration(
-        model, tokens, targets, with_hessian=with_hessian, batch_size=batch_size, device=device,
-        progress=progress, checkpoint=checkpoint,
-    )  # fmt: skip
+    """``for layer in calibrate_layers(model, tokens, targets, batch_size=4): ...`` — the options and what the
+    loop gives are ``LayerwiseCalibration``'s. Refuses targets outside the decoder layers at once."""
+    return LayerwiseCalibration(model, tokens, targets, **options)

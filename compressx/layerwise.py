@@ -4,21 +4,23 @@
    layer captures its inputs (hidden states and every keyword argument: attention mask, position embeddings,
    cache position...) and stops the forward.
 2. For each decoder layer in order: hooks on the layer's target ``Linear`` modules collect statistics of their
-   inputs (``LinearStats``) while the still-dense layer runs on the captured inputs; the pass prunes those
-   modules from the statistics; the now-pruned layer runs again and its outputs become the next layer's
-   inputs. So layer i is calibrated on what the pruned layers 0..i-1 produce, as in Wanda and SparseGPT.
+   inputs (``LinearStats``) while the still-dense layer runs on the captured inputs; ``calibrate_layers`` yields
+   the layer and the pass prunes those modules from the statistics in its own ``for`` loop; when the loop
+   advances, the now-pruned layer runs again and its outputs become the next layer's inputs. So layer i is
+   calibrated on what the pruned layers 0..i-1 produce, as in Wanda and SparseGPT.
 
 Memory: only the layer being pruned is moved to the compute ``device`` (the rest of the model stays where it
 is, e.g. on CPU), plus two activation buffers of ``samples x seq_len x hidden`` floats (inputs and outputs of
 the current layer) and the statistics of one layer's Linears (a ``C_in x C_in`` Hessian each for SparseGPT),
 plus the transient memory of one forward or of pruning one Linear. The formula, what it leaves out, and its
 measurement: docs/passes/wanda.md ("Memory") and docs/results/offload_memory.md. On CPU, freed memory is handed
-back to the OS after each phase of a layer (``release_freed_memory``), else glibc's heap keeps it.
+back to the OS after each phase of a layer (``compressx.memory.release_freed_memory``), else glibc's heap keeps
+it. Offloaded weights (accelerate) are onloaded for the layer's turn and written back (``compressx.offload``).
 
 Resuming: with ``checkpoint`` (``compressx.checkpoint.LayerCheckpoints``), each pruned layer's target weights
-(and what the pass reports about it) are saved atomically after the layer; a resumed run loads the saved layers
-instead of calibrating and pruning them, and runs them forward to get the next layer's inputs, so it continues
-at the first layer without a checkpoint, with the inputs an uninterrupted run would have given it.
+(and the ``info`` the pass set about it) are saved atomically after the layer; a resumed run loads the saved
+layers instead of yielding them, and runs them forward to get the next layer's inputs, so it continues at the
+first layer without a checkpoint, with the inputs an uninterrupted run would have given it.
 
 Architectures: the decoder layers are found from the model itself (``compressx.targets.decoder_layers_path``: the
 ``ModuleList`` of the blocks transformers names in ``_no_split_modules``), so any decoder-only LM transformers
@@ -28,16 +30,10 @@ OPT...). ``DECODER_LAYERS`` (model_type -> path of the decoder layer list) overr
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
-import gc
 import inspect
 import logging
-import sys
-import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,14 +42,20 @@ from tqdm.auto import tqdm
 
 from compressx.checkpoint import LayerCheckpoints
 from compressx.errors import CompressxError
-from compressx.ops.sparsity import check_finite
-from compressx.targets import DECODER_LAYERS, weight_matrix  # noqa: F401 (DECODER_LAYERS is documented here too)
+from compressx.memory import release_freed_memory
+from compressx.offload import offloaded_modules, onloaded, write_back
+from compressx.ops.sparsity import check_finite, nm_shape_problems
+from compressx.targets import DECODER_LAYERS, TransposedLinear, weight_matrix  # noqa: F401 (documented here too)
 
 log = logging.getLogger(__name__)
 
 # Linear names (relative to a decoder layer) that form its MLP, per model_type (DSnoT's ``refine_mlp``)
 MLP_PREFIXES: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}  # GPT-2's "mlp." is the default
 _DEFAULT_MLP_PREFIXES = ("mlp.",)
+DECODER_LINEARS = ("re:.*layers\\.\\d+\\..*",)  # for a model that is not a causal LM (one has its decoder layers)
+# Linear layers, and transformers' Conv1D (GPT-2) as the Linear it is. Fused MoE experts are refused: calibrating
+# them needs each expert's own inputs, which these passes do not collect.
+LAYERWISE_TYPES = (nn.Linear, TransposedLinear)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -83,6 +85,11 @@ def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
     except (CompressxError, AttributeError) as err:
         return [str(err)]
     return []
+
+
+def layerwise_nm_problems(targets: dict[str, nn.Module], config: Any) -> list[str]:
+    """``register_pass(check=...)`` of the layer-wise passes: targets whose shape cannot take ``config.nm``."""
+    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
 
 
 def is_mlp(model: nn.Module, relative_name: str) -> bool:
@@ -159,79 +166,6 @@ def execution_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _offload_owner(layer: nn.Module, relative_name: str) -> tuple[nn.Module, str] | None:
-    """The nearest module (the Linear itself, or a module containing it inside ``layer``) whose parameters
-    accelerate offloads, and the weight's name relative to it."""
-    from accelerate.utils import has_offloaded_params
-
-    parts = relative_name.split(".")
-    for depth in range(len(parts), -1, -1):
-        owner = layer.get_submodule(".".join(parts[:depth])) if depth else layer
-        if has_offloaded_params(owner):
-            return owner, ".".join([*parts[depth:], "weight"])
-    return None
-
-
-def _store_offloaded(owner: nn.Module, param_name: str, value: torch.Tensor) -> None:
-    """Write a changed weight into the storage accelerate onloads it from (else the change is lost).
-
-    Disk-offloaded weights are written as a new ``.dat`` file in the offload folder and the loader's index is
-    pointed at it — never into a safetensors checkpoint the loader may read from directly.
-    """
-    from accelerate.utils import OffloadedWeightsLoader, offload_weight
-
-    weights_map = owner._hf_hook.weights_map
-    key = f"{getattr(weights_map, 'prefix', '')}{param_name}"
-    dataset = getattr(weights_map, "dataset", weights_map)
-    value = value.detach().to("cpu").clone()
-    if isinstance(dataset, OffloadedWeightsLoader):
-        if key in dataset.state_dict or dataset.save_folder is None:
-            dataset.state_dict[key] = value
-        else:
-            offload_weight(value, key, dataset.save_folder, index=dataset.index)
-    else:
-        dataset[key] = value
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None off glibc."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Return memory that torch has freed to the OS, where glibc kept it in its heap (Linux only; a no-op elsewhere).
-
-    glibc serves CPU tensors under its mmap threshold from its heap, and it raises that threshold (up to 32 MiB)
-    each time a larger block is freed, so after a few layers the weight-sized temporaries of calibration and
-    pruning all come from the heap. Freed heap pages stay resident unless trimmed, so the process can hold far
-    more than its live tensors, more so as layers go by (measured in docs/results/offload_memory.md).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def live_cpu_tensor_bytes() -> int:
-    """Bytes of every CPU tensor storage still referenced from Python, each storage counted once: what streaming
-    keeps alive, as opposed to what the allocator holds (``release_freed_memory``). A diagnostic; it walks every
-    object the garbage collector tracks."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
 class _Captured(Exception):
     def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         super().__init__("inputs of the first decoder layer captured")
@@ -286,151 +220,171 @@ def capture_layer_inputs(
     return hiddens, kwargs_list
 
 
-# prune_layer(index, modules, stats): modules are Linear or Conv1D; it prunes ``compressx.targets.weight_matrix(m)``
-# in place and may return what it decided about them (JSON), kept in layer checkpoints.
-PruneLayer = Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], dict[str, Any] | None]
+@dataclasses.dataclass
+class CalibratedLayer:
+    """One decoder layer during layer-by-layer calibration, as ``calibrate_layers`` yields it.
+
+    While the loop body runs, the layer's weights are on the compute device (onloaded when accelerate offloads
+    them): the pass changes ``compressx.targets.weight_matrix(linear)`` of each of ``linears`` in place, from
+    ``stats``, and may set ``info`` (JSON) to what it decided, which the layer checkpoint keeps.
+    """
+
+    index: int
+    prefix: str  # the layer's full name with a trailing dot: ``prefix + name`` is a Linear's full name
+    linears: dict[str, nn.Module]  # the target Linears (or Conv1D) of the layer, named relative to it
+    stats: dict[str, LinearStats]  # their input statistics, on the still-dense layer; emptied when the loop advances
+    info: dict[str, Any] | None = None
 
 
-def _restore_layer(
-    checkpoint: LayerCheckpoints | None,
-    index: int,
-    layer: nn.Module,
-    linears: dict[str, nn.Module],
-    offloaded: list[nn.Module],
-    device: torch.device,
-    counts: dict[str, tuple[int, int]],
-    prefix: str,
-) -> dict[str, Any] | None:
-    """Load layer ``index``'s pruned weights from ``checkpoint`` into ``linears`` (and into the offload storage
-    of offloaded ones) and count their zeros; returns the pass's saved info, or None when the layer is to be
-    pruned afresh."""
-    from accelerate.utils import align_module_device
+class LayerwiseCalibration:
+    """Layer-by-layer calibration as a loop the pass owns (see the module docstring); made by ``calibrate_layers``::
 
-    saved = checkpoint.load(index) if checkpoint is not None and linears else None
-    if saved is None:
-        return None
-    weights, info = saved
-    if set(weights) != set(linears):
-        raise CompressxError(
-            f"--resume: the checkpoint of decoder layer {index} holds {sorted(weights)}, this run prunes "
-            f"{sorted(linears)}; choose another checkpoint dir"
-        )
-    with contextlib.ExitStack() as onloaded:
-        for module in offloaded:
-            onloaded.enter_context(align_module_device(module, device))
-        for name, linear in linears.items():
-            linear.weight.copy_(weights[name])
-            counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
-            owner = _offload_owner(layer, name) if offloaded else None
-            if owner is not None:
-                _store_offloaded(*owner, linear.weight)
-    log.info("decoder layer %d: pruned weights loaded from %s", index, checkpoint.store.path)
-    return info
+        calibration = calibrate_layers(model, tokens, targets)
+        for layer in calibration:
+            for name, linear in layer.linears.items():
+                prune(weight_matrix(linear), layer.stats[name])
+        report = sparsity_report(calibration.counts)
 
-
-def _save_layer(checkpoint: LayerCheckpoints | None, index: int, linears: dict[str, nn.Module], info: Any) -> None:
-    if checkpoint is not None:
-        checkpoint.save(index, {name: linear.weight for name, linear in linears.items()}, info)
-
-
-@torch.no_grad()
-def prune_layer_by_layer(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    targets: dict[str, nn.Module],
-    prune_layer: PruneLayer,
-    *,
-    with_hessian: bool = False,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    checkpoint: LayerCheckpoints | None = None,
-    on_restore: Callable[[int, dict[str, Any]], None] | None = None,
-) -> dict[str, tuple[int, int]]:
-    """Calibrate and prune the target Linears of every decoder layer in order (see the module docstring).
+    Each step yields the next decoder layer that has targets and no saved checkpoint, its statistics collected
+    on the inputs the already-pruned layers give; advancing the loop counts the layer's zeros, writes its weights
+    back to the offload storage and to ``checkpoint``, and runs the now-pruned layer to give the next layer's
+    inputs. Layers restored from ``checkpoint`` are not yielded; their ``info`` is in ``infos`` all the same.
 
     Args:
-        model: a transformers causal LM whose ``model_type`` is in ``DECODER_LAYERS``.
+        model: a transformers causal LM (its decoder layers found by ``decoder_layers``).
         tokens: calibration token ids ``[samples, seq_len]``.
         targets: the Linear modules to prune (full names); each must sit inside a decoder layer.
-        prune_layer: ``prune_layer(layer_index, linears, stats)`` prunes the given Linears (names relative to
-            the decoder layer) in place from their input statistics.
         with_hessian: also accumulate ``X X^T`` (SparseGPT).
         batch_size: sequences per forward of a decoder layer.
         device: where each decoder layer runs (default: where the model is); only that layer is moved there.
             A model dispatched by accelerate with offloaded weights (``device_map`` with ``cpu``/``disk``,
             ``cpu_offload``, ``disk_offload``) is left to its hooks: each layer's weights are onloaded for its
-            forwards and for pruning, and the pruned weights are written back to the offload storage.
+            forwards and for pruning, and the pruned weights are written back (``compressx.offload``).
         progress: show a progress bar over layers.
-        checkpoint: save each pruned layer there; when it resumes, load the saved layers instead of pruning them.
-        on_restore: ``on_restore(layer_index, info)`` for each layer loaded from ``checkpoint``, with what
-            ``prune_layer`` returned for it (for the pass's report).
+        checkpoint: save each pruned layer there; when it resumes, load the saved layers instead of yielding them.
 
-    Returns:
-        ``name -> (exact zeros, numel)`` of every target after pruning (read while its weight was onloaded).
+    After the loop: ``counts`` maps every target to ``(exact zeros, numel)`` after pruning (read while its weight
+    was onloaded); ``infos`` maps each layer index to the ``info`` the pass set (or the checkpoint restored).
     """
-    from accelerate.utils import align_module_device, has_offloaded_params
 
-    path, layers = decoder_layers(model)
-    outside = [name for name in targets if not name.startswith(f"{path}.")]
-    if outside:
-        raise CompressxError(
-            f"layer-by-layer pruning changes Linear layers inside the decoder layers ({path}.*); "
-            f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
-        )
-    home = execution_device(model)
-    device = torch.device(device) if device is not None else home
-    counts: dict[str, tuple[int, int]] = {}
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    if checkpoint is not None:
-        checkpoint.begin(model, tokens, targets)
-    try:
-        hiddens, kwargs_list = capture_layer_inputs(model, tokens, batch_size)
-        hiddens = [h.to(device) for h in hiddens]
-        kwargs_list = [_to(kw, device) for kw in kwargs_list]
-        bar = tqdm(range(len(layers)), desc="pruning decoder layers", disable=not progress, unit="layer")
-        for index in bar:
-            offloaded = [m for m in layers[index].modules() if has_offloaded_params(m)]
-            layer = layers[index] if offloaded else layers[index].to(device)
-            prefix = f"{path}.{index}."
-            linears = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
-            restored = _restore_layer(checkpoint, index, layer, linears, offloaded, device, counts, prefix)
-            if restored is not None and on_restore is not None:
-                on_restore(index, restored)
-            if linears and restored is None:
-                stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
-                hooks = [
-                    m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
-                    for name, m in linears.items()
-                ]
-                try:
-                    for hidden, kwargs in zip(hiddens, kwargs_list):
-                        layer(hidden, **kwargs)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-                release_freed_memory()  # the forwards' temporaries, before the pruning's own
-                with contextlib.ExitStack() as onloaded:
-                    for module in offloaded:
-                        onloaded.enter_context(align_module_device(module, device))
-                    # a weight's own NaN/Inf first: it also spoils the inputs of the modules after it
-                    check_finite({prefix + n: m.weight for n, m in linears.items()})
-                    check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
-                    info = prune_layer(index, linears, stats)
-                    for name, linear in linears.items():
-                        counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
-                        owner = _offload_owner(layer, name) if offloaded else None
-                        if owner is not None:
-                            _store_offloaded(*owner, linear.weight)
-                    _save_layer(checkpoint, index, linears, info)
-                del stats
-                release_freed_memory()  # the onloaded weights and the pruning's temporaries
-            hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]
-            if not offloaded:
-                layers[index].to(home)
-            release_freed_memory()  # the previous layer's inputs and the forwards' temporaries
-    finally:
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-    return counts
+    def __init__(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        targets: dict[str, nn.Module],
+        *,
+        with_hessian: bool = False,
+        batch_size: int = 1,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        checkpoint: LayerCheckpoints | None = None,
+    ) -> None:
+        self.path, self.layers = decoder_layers(model)
+        outside = [name for name in targets if not name.startswith(f"{self.path}.")]
+        if outside:
+            raise CompressxError(
+                f"layer-by-layer pruning changes Linear layers inside the decoder layers ({self.path}.*); "
+                f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
+            )
+        self.model, self.tokens, self.targets = model, tokens, targets
+        self.with_hessian, self.batch_size, self.progress = with_hessian, batch_size, progress
+        self.checkpoint = checkpoint
+        self.home = execution_device(model)
+        self.device = torch.device(device) if device is not None else self.home
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.infos: dict[int, dict[str, Any]] = {}
+
+    @torch.no_grad()
+    def _collect(self, layer: nn.Module, linears: dict[str, nn.Module], hiddens: list, kwargs_list: list) -> dict:
+        stats = {name: LinearStats(weight_matrix(m).shape[1], self.with_hessian) for name, m in linears.items()}
+        hooks = [
+            m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in linears.items()
+        ]
+        try:
+            for hidden, kwargs in zip(hiddens, kwargs_list):
+                layer(hidden, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return stats
+
+    def _count(self, prefix: str, linears: dict[str, nn.Module]) -> None:
+        for name, linear in linears.items():
+            self.counts[prefix + name] = (int((linear.weight == 0).sum()), linear.weight.numel())
+
+    @torch.no_grad()
+    def _restore(self, index: int, layer: nn.Module, linears: dict[str, nn.Module], offloaded: list) -> bool:
+        """Load layer ``index``'s pruned weights from the checkpoint into ``linears`` (and into the offload
+        storage of offloaded ones); False when the layer is to be pruned afresh."""
+        saved = self.checkpoint.load(index) if self.checkpoint is not None and linears else None
+        if saved is None:
+            return False
+        weights, info = saved
+        if set(weights) != set(linears):
+            raise CompressxError(
+                f"--resume: the checkpoint of decoder layer {index} holds {sorted(weights)}, this run prunes "
+                f"{sorted(linears)}; choose another checkpoint dir"
+            )
+        with onloaded(offloaded, self.device):
+            for name, linear in linears.items():
+                linear.weight.copy_(weights[name])
+                if offloaded:
+                    write_back(layer, name, linear.weight)
+            self._count(f"{self.path}.{index}.", linears)
+        self.infos[index] = info
+        log.info("decoder layer %d: pruned weights loaded from %s", index, self.checkpoint.store.path)
+        return True
+
+    def __iter__(self) -> Iterator[CalibratedLayer]:
+        model, layers = self.model, self.layers
+        use_cache = getattr(model.config, "use_cache", None)
+        model.config.use_cache = False
+        if self.checkpoint is not None:
+            self.checkpoint.begin(model, self.tokens, self.targets)
+        try:
+            with torch.no_grad():
+                hiddens, kwargs_list = capture_layer_inputs(model, self.tokens, self.batch_size)
+            hiddens = [h.to(self.device) for h in hiddens]
+            kwargs_list = [_to(kw, self.device) for kw in kwargs_list]
+            bar = tqdm(range(len(layers)), desc="pruning decoder layers", disable=not self.progress, unit="layer")
+            for index in bar:
+                offloaded = offloaded_modules(layers[index])
+                layer = layers[index] if offloaded else layers[index].to(self.device)
+                prefix = f"{self.path}.{index}."
+                linears = {n[len(prefix) :]: m for n, m in self.targets.items() if n.startswith(prefix)}
+                if linears and not self._restore(index, layer, linears, offloaded):
+                    stats = self._collect(layer, linears, hiddens, kwargs_list)
+                    release_freed_memory()  # the forwards' temporaries, before the pruning's own
+                    with onloaded(offloaded, self.device):
+                        # a weight's own NaN/Inf first: it also spoils the inputs of the modules after it
+                        check_finite({prefix + n: m.weight for n, m in linears.items()})
+                        check_finite({prefix + n: s.sum_x2 for n, s in stats.items()}, "calibration inputs")
+                        current = CalibratedLayer(index, prefix, linears, stats)
+                        yield current
+                        current.stats.clear()  # the pass's loop variable still holds the layer: free its Hessians
+                        self._count(prefix, linears)
+                        for name, linear in linears.items():
+                            if offloaded:
+                                write_back(layer, name, linear.weight)
+                        if self.checkpoint is not None:
+                            weights = {name: linear.weight for name, linear in linears.items()}
+                            self.checkpoint.save(index, weights, current.info)
+                        self.infos[index] = current.info or {}
+                    del stats, current
+                    release_freed_memory()  # the onloaded weights and the pruning's temporaries
+                with torch.no_grad():
+                    hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]
+                if not offloaded:
+                    layers[index].to(self.home)
+                release_freed_memory()  # the previous layer's inputs and the forwards' temporaries
+        finally:
+            if use_cache is not None:
+                model.config.use_cache = use_cache
+
+
+def calibrate_layers(
+    model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn.Module], **options: Any
+) -> LayerwiseCalibration:
+    """``for layer in calibrate_layers(model, tokens, targets, batch_size=4): ...`` — the options and what the
+    loop gives are ``LayerwiseCalibration``'s. Refuses targets outside the decoder layers at once."""
+    return LayerwiseCalibration(model, tokens, targets, **options)

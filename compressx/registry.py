@@ -49,7 +49,7 @@ class PassContext:
     ``apply`` call ran — only for a step whose pass needs ``"original_weights"`` with its config (e.g. DSnoT
     refining the mask an earlier step left, which needs the dense values back).
     ``checkpoint``, when the run keeps checkpoints, is where a layer-by-layer pass saves each pruned layer and
-    resumes from (``compressx.layerwise.prune_layer_by_layer``).
+    resumes from (``compressx.layerwise.calibrate_layers``).
     ``evaluate``, when the caller has an evaluation set (a recipe's ``eval:`` block), measures a model and returns
     label → value (``{"top1 (digits/test)": 91.2}``); a pass that works in stages may call it to report the metric
     after each stage. Passes must work without it.

@@ -154,7 +154,7 @@ def test_import_compressx_api_stays_light():
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
         ["errors", "config", "_version", "ops", "targets", "checkpoint", "atomic", "threads", "pipelines"]
-        + ["manifest", "sparse_export", "gguf_files"],
+        + ["manifest", "sparse_export", "gguf_files", "hooks", "hooks.*", "offload", "memory"],
         0,
     ),  # foundation
     **dict.fromkeys(["registry", "passes"], 1),  # the registry (and the list of built-in pass modules)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from compressx.errors import CompressxError
-from compressx.layerwise import LinearStats, capture_layer_inputs, decoder_layers, prune_layer_by_layer
+from compressx.layerwise import LinearStats, calibrate_layers, capture_layer_inputs, decoder_layers
 from compressx.passes.magnitude import MagnitudeConfig, magnitude_mask
 
 
@@ -44,15 +44,12 @@ def test_layer_by_layer_equals_direct_whole_model_computation(tiny_llama):
     for module in targets.values():
         module.weight.data.mul_(magnitude_mask(module.weight, config))
     seen = []
-
-    def prune(index, linears, stats):
-        seen.append((index, sorted(linears)))
-        for linear in linears.values():
-            linear.weight.data.mul_(magnitude_mask(linear.weight, config))
-
     layered_targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    prune_layer_by_layer(tiny_llama, tokens, layered_targets, prune, progress=False)
+    for layer in calibrate_layers(tiny_llama, tokens, layered_targets, progress=False):
+        seen.append((layer.index, sorted(layer.linears)))
+        for linear in layer.linears.values():
+            linear.weight.data.mul_(magnitude_mask(linear.weight, config))
     assert [i for i, _ in seen] == [0, 1]
     assert seen[0][1] == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])  # fmt: skip
@@ -66,14 +63,11 @@ def test_second_layer_is_calibrated_on_pruned_outputs(tiny_llama):
 
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     recorded = {}
-
-    def prune(index, linears, stats):
-        recorded[index] = stats["self_attn.q_proj"].mean.clone()
-        for linear in linears.values():
-            linear.weight.data.zero_()  # an extreme pruning makes the difference obvious
-
     targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    prune_layer_by_layer(tiny_llama, tokens, targets, prune, progress=False)
+    for layer in calibrate_layers(tiny_llama, tokens, targets, progress=False):
+        recorded[layer.index] = layer.stats["self_attn.q_proj"].mean.clone()
+        for linear in layer.linears.values():
+            linear.weight.data.zero_()  # an extreme pruning makes the difference obvious
     dense = make_tiny_llama()
     captured = []
     hook = dense.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
@@ -86,8 +80,7 @@ def test_second_layer_is_calibrated_on_pruned_outputs(tiny_llama):
 
 def test_targets_outside_decoder_layers_are_refused(tiny_llama):
     with pytest.raises(CompressxError, match="lm_head is outside: add to ignore"):
-        prune_layer_by_layer(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"lm_head": tiny_llama.lm_head},
-                             lambda *a: None)  # fmt: skip
+        calibrate_layers(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"lm_head": tiny_llama.lm_head})
 
 
 def test_gpt_neox_decoder_layers_are_found_without_a_table():
@@ -127,3 +120,74 @@ def test_decoder_layers_table_overrides_the_search(tiny_llama, monkeypatch):
     monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.norm")
     with pytest.raises(CompressxError, match="'model.norm' is a LlamaRMSNorm, not a ModuleList"):
         decoder_layers(tiny_llama)
+
+
+def _whole_model_reference(model, tokens, batch_size, with_hessian, prune_linear):
+    """Layer-by-layer calibration written the plain way, without ``calibrate_layers``: layer i's statistics come
+    from forwards of the whole model (layers < i already pruned) with hooks on layer i's Linears."""
+    for layer in model.model.layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        stats = {n: LinearStats(m.in_features, with_hessian) for n, m in linears.items()}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in linears.items()]
+        with torch.no_grad():
+            for start in range(0, len(tokens), batch_size):
+                model(input_ids=tokens[start : start + batch_size], use_cache=False)
+            for hook in hooks:
+                hook.remove()
+            for name, linear in linears.items():
+                prune_linear(name, linear.weight, stats[name])
+
+
+def _prune_like(step):
+    """One Linear's pruning as the pass does it, from its public math."""
+    from compressx.ops.pruning_scores import sparsegpt_prune
+    from compressx.passes.dsnot import REFERENCE_SEQ_LEN, DsnotConfig, dsnot_refine, initial_mask
+    from compressx.passes.sparsegpt import SparsegptConfig
+    from compressx.passes.wanda import WandaConfig, wanda_mask
+
+    name = step["pass"]
+    config = {"wanda": WandaConfig, "sparsegpt": SparsegptConfig, "dsnot": DsnotConfig}[name](**step["config"])
+
+    def prune(_, weight, s):
+        if name == "wanda":
+            weight.masked_fill_(~wanda_mask(weight, s.sq_norm, config.sparsity, config.nm), 0.0)
+        elif name == "sparsegpt":
+            weight.copy_(sparsegpt_prune(weight, s.hessian, config.sparsity, config.nm)[0])
+        else:
+            current, keep, score = initial_mask(weight, s, config)
+            result = dsnot_refine(
+                weight, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
+                threshold=config.update_threshold / REFERENCE_SEQ_LEN, var_power=config.var_power,
+                same_sign=config.same_sign, nm=config.nm, init_score=score,
+            )  # fmt: skip
+            weight.copy_(result.weight)
+
+    return prune
+
+
+REFERENCE_STEPS = [
+    {"pass": "wanda", "config": {"sparsity": 0.5, "batch_size": 2}},
+    {"pass": "wanda", "config": {"pattern": "2:4", "batch_size": 2}},
+    {"pass": "sparsegpt", "config": {"sparsity": 0.5, "batch_size": 2}},
+    {"pass": "sparsegpt", "config": {"pattern": "2:4", "batch_size": 2}},
+    {"pass": "dsnot", "config": {"sparsity": 0.5, "refine_mlp": True, "batch_size": 2}},
+    {"pass": "dsnot", "config": {"pattern": "2:4", "refine_mlp": True, "batch_size": 2}},
+]
+
+
+@pytest.mark.parametrize("step", REFERENCE_STEPS, ids=lambda s: f"{s['pass']}-{s['config'].get('pattern', '50%')}")
+def test_passes_over_the_iterator_equal_a_whole_model_reference_bit_for_bit(step):
+    from conftest import make_tiny_llama
+
+    import compressx
+
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    reference = make_tiny_llama()
+    _whole_model_reference(reference, tokens, 2, step["pass"] == "sparsegpt", _prune_like(step))
+    model = make_tiny_llama()
+    compressx.apply(model, [step], data=tokens, progress=False)
+    changed = 0
+    for (name, expected), (_, got) in zip(reference.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(expected, got), name
+        changed += int((got == 0).sum())
+    assert changed > 0  # the pruning did happen

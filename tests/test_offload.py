@@ -9,7 +9,8 @@ from accelerate import cpu_offload, disk_offload
 from accelerate.utils import align_module_device, has_offloaded_params
 
 import compressx
-from compressx.layerwise import execution_device, live_cpu_tensor_bytes, prune_layer_by_layer
+from compressx.layerwise import calibrate_layers, execution_device
+from compressx.memory import live_cpu_tensor_bytes
 
 TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -106,19 +107,32 @@ def test_disk_offloaded_pruning_keeps_only_the_current_layer_alive(tmp_path):
     tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
     before = live_cpu_tensor_bytes()
     live = []
-
-    def prune(index, linears, stats):
-        for j, layer in enumerate(layers):
-            onloaded = [n for n, p in layer.named_parameters() if p.device.type != "meta"]
-            assert (j == index) == bool(onloaded), (index, j, onloaded)
-        live.append(live_cpu_tensor_bytes() - before)
-        for linear in linears.values():
-            linear.weight.masked_fill_(linear.weight.abs() < linear.weight.abs().median(), 0.0)
-
-    prune_layer_by_layer(model, tokens, targets, prune, batch_size=2, progress=False)
+    with torch.no_grad():
+        for layer in calibrate_layers(model, tokens, targets, batch_size=2, progress=False):
+            for j, other in enumerate(layers):
+                onloaded = [n for n, p in other.named_parameters() if p.device.type != "meta"]
+                assert (j == layer.index) == bool(onloaded), (layer.index, j, onloaded)
+            live.append(live_cpu_tensor_bytes() - before)
+            for linear in layer.linears.values():
+                linear.weight.masked_fill_(linear.weight.abs() < linear.weight.abs().median(), 0.0)
     assert len(live) == 4
     assert min(live) >= layer_bytes  # the onloaded layer is seen: the count is not vacuous
     assert max(live) - min(live) < layer_bytes / 2, live  # no earlier layer's weights kept alive
     activations = 2 * tokens.numel() * config.hidden_size * 4
     assert max(live) < layer_bytes + activations + layer_bytes / 2, (live, layer_bytes, activations)
     assert live_cpu_tensor_bytes() - before < layer_bytes / 2  # nothing onloaded remains afterwards
+
+
+def test_leaving_the_calibration_loop_early_offloads_the_layer_and_restores_the_model(tmp_path):
+    """A pass that stops (break, or an error) in its loop body leaves no weights onloaded and use_cache as it was."""
+    from conftest import make_tiny_llama
+
+    model = disk_offload(make_tiny_llama(), str(tmp_path / "off"), execution_device=torch.device("cpu"))
+    model.config.use_cache = True
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    for layer in calibrate_layers(model, TOKENS, targets, progress=False):
+        assert layer.index == 0 and layer.linears["self_attn.q_proj"].weight.device.type == "cpu"  # onloaded
+        assert model.config.use_cache is False
+        break
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    assert model.config.use_cache is True

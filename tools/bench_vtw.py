@@ -21,7 +21,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from compressx.ops.token_withdrawal import TokenWithdrawal, withdrawal_flops
+from compressx.hooks.flops import withdrawal_flops
+from compressx.hooks.token_withdrawal import TokenWithdrawal
 
 N_SYS, N_VIS, N_INSTR, IMAGE_TOKEN = 35, 576, 30, 32000
 

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from compressx.layerwise import live_cpu_tensor_bytes
+from compressx.layerwise import LayerwiseCalibration
+from compressx.memory import live_cpu_tensor_bytes
 
 
 def rss_mib() -> tuple[float, float]:
@@ -78,25 +79,25 @@ def main() -> None:
         threading.Thread(target=sample, daemon=True).start()
         print(f"loaded: anon {loaded[0]:.0f} MiB, file {loaded[1]:.0f} MiB, live tensors {live_tensor_mib():.0f} MiB")
         print("layer | anon above loaded | file above loaded | live tensors (MiB), at the start of its pruning")
-        prune_layer_by_layer = wanda.prune_layer_by_layer
 
-        def traced(model, tokens, targets, prune_layer, **kwargs):
-            def prune(index, linears, stats):
-                anon, file = rss_mib()
-                print(
-                    f"{index} | {anon - loaded[0]:.0f} | {file - loaded[1]:.0f} | {live_tensor_mib():.0f}", flush=True
-                )
-                prune_layer(index, linears, stats)
+        class Traced(LayerwiseCalibration):
+            def __iter__(self):
+                for layer in super().__iter__():
+                    anon, file = rss_mib()
+                    print(
+                        f"{layer.index} | {anon - loaded[0]:.0f} | {file - loaded[1]:.0f} | {live_tensor_mib():.0f}",
+                        flush=True,
+                    )
+                    yield layer
 
-            return prune_layer_by_layer(model, tokens, targets, prune, **kwargs)
-
-        wanda.prune_layer_by_layer = traced
+        calibrate_layers = wanda.calibrate_layers
+        wanda.calibrate_layers = Traced
         tokens = torch.randint(0, 256, (SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(0))
         step = {"pass": "wanda", "config": {"sparsity": 0.5, "batch_size": 4}}
         import compressx
 
         compressx.apply(model, [step], data=tokens, progress=False)
-        wanda.prune_layer_by_layer = prune_layer_by_layer
+        wanda.calibrate_layers = calibrate_layers
         done.set()
         after = rss_mib()
         print(

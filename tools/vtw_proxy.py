@@ -13,7 +13,7 @@ import platform
 import torch
 
 import compressx
-from compressx.ops.token_withdrawal import withdrawal_flops
+from compressx.hooks.flops import withdrawal_flops
 from compressx.passes.vtw import first_under
 from compressx.zoo import load_zoo_model
 from compressx.zoo.llava_digits import N_VIS, TASKS, accuracy, calibration_prompts, prompt_ids, vqa_batches

@@ -156,30 +156,3 @@ def unpack_nm(
     input_last = (shape[0], *shape[2:], shape[1])
     like = torch.empty(shape, device="meta")
     return from_input_last(blocks.reshape(input_last), like)
-
-
-def to_semi_structured(model: torch.nn.Module) -> list[str]:
-    """Swap the 2:4-sparse ``Linear`` weights of a CUDA fp16/bf16 model for PyTorch's semi-structured sparse
-    tensors (``torch.sparse.to_sparse_semi_structured``: sparse tensor cores, Ampere and later); returns the names.
-
-    Only Linear layers (PyTorch has no semi-structured conv), only 2:4 along the input dimension, only on CUDA in
-    half precision (in float32 the hardware pattern is 1:2). Raises ValueError when nothing qualifies, saying why.
-    """
-    from compressx.ops.sparsity import is_nm_sparse
-
-    converted, reasons = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = module.weight
-        if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"{name}: {weight.dtype} on {weight.device.type} (needs float16/bfloat16 on cuda)")
-        elif not is_nm_sparse(weight.detach(), 2, 4):
-            reasons.append(f"{name}: not 2:4 sparse")
-        else:
-            sparse = torch.sparse.to_sparse_semi_structured(weight.detach())
-            module.weight = torch.nn.Parameter(sparse, requires_grad=False)
-            converted.append(name)
-    if not converted:
-        raise ValueError("no Linear layer can take the semi-structured layout: " + "; ".join(reasons[:5]))
-    return converted

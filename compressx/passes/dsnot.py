@@ -39,17 +39,25 @@ Linear) inside the decoder layers, in place; irreversible. Fused MoE expert para
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, decoder_layers, is_mlp, layerwise_problems, prune_layer_by_layer
-from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
-from compressx.passes.sparsegpt import sparsegpt_prune, sparsegpt_scores
-from compressx.passes.wanda import DECODER_LINEARS, LAYERWISE_TYPES, wanda_scores
+from compressx.layerwise import (
+    DECODER_LINEARS,
+    LAYERWISE_TYPES,
+    CalibratedLayer,
+    LinearStats,
+    calibrate_layers,
+    is_mlp,
+    layerwise_nm_problems,
+    layerwise_problems,
+)
+from compressx.ops.pruning_scores import sparsegpt_prune, sparsegpt_scores, wanda_scores
+from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
 from compressx.registry import Need, PassContext, PassResult, register_pass
 from compressx.targets import TransposedLinear, weight_matrix
 
@@ -248,8 +256,36 @@ def initial_mask(
     return dense * keep, keep, score
 
 
-def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
-    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
+def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotConfig, ctx: PassContext) -> None:
+    """Prune one decoder layer's Linears with the initial method and refine their masks; sets ``layer.info``.
+    A function of its own so that its weight-sized temporaries are freed before the next layer is calibrated."""
+    threshold = config.update_threshold / REFERENCE_SEQ_LEN
+    layer.info = {}  # this layer's part of the report: kept in the layer checkpoint
+    for name, linear in layer.linears.items():
+        s = layer.stats[name]
+        weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
+        if config.init == "previous":
+            current = weight.detach().float()
+            original = ctx.original_weights[layer.prefix + name]  # stored as the module holds it
+            dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
+            keep, score = current != 0, wanda_scores(current, s.sq_norm)
+        else:
+            dense = weight
+            current, keep, score = initial_mask(weight, s, config)
+        if is_mlp(model, name) and not config.refine_mlp:
+            weight.copy_(current.to(weight.dtype))
+            continue
+        result = dsnot_refine(
+            dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
+            threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
+            init_score=score,
+        )  # fmt: skip
+        weight.copy_(result.weight.to(weight.dtype))
+        layer.info[f"layers.{layer.index}.{name}"] = {
+            "mean_abs_error_before": result.error_before.abs().mean().item(),
+            "mean_abs_error_after": result.error_after.abs().mean().item(),
+            "mean_swaps_per_row": result.swaps.float().mean().item(),
+        }
 
 
 @register_pass(
@@ -261,15 +297,11 @@ def _check(targets: dict[str, nn.Module], config: DsnotConfig) -> list[str]:
     target_types=LAYERWISE_TYPES,
     needs=("calibration", Need("original_weights", when=lambda config: config.init == "previous")),
     default_targets=DECODER_LINEARS,
-    check=_check,
+    check=layerwise_nm_problems,
     check_model=layerwise_problems,
 )
 def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> PassResult:
     """Prune with the initial method and refine each mask with DSnoT, layer by layer."""
-    refined: dict[str, dict[str, float]] = {}
-    threshold = config.update_threshold / REFERENCE_SEQ_LEN
-    layers_path, _ = decoder_layers(model)
-
     if config.init == "previous":  # check every mask before any layer is refined
         for name, module in ctx.targets.items():
             keep = weight_matrix(module) != 0
@@ -278,42 +310,15 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
             if config.nm and not bool((keep.reshape(-1, config.nm[1]).sum(dim=1) == config.nm[0]).all()):
                 raise ConfigError(f"init: previous, but the mask of '{name}' is not {config.pattern}", "pattern")
 
-    def prune(index: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats]) -> dict[str, Any]:
-        layer_refined = {}  # this layer's part of the report: returned, so that layer checkpoints keep it
-        for name, linear in linears.items():
-            s = stats[name]
-            weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
-            if config.init == "previous":
-                current = weight.detach().float()
-                original = ctx.original_weights[f"{layers_path}.{index}.{name}"]  # stored as the module holds it
-                dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
-                keep, score = current != 0, wanda_scores(current, s.sq_norm)
-            else:
-                dense = weight
-                current, keep, score = initial_mask(weight, s, config)
-            if is_mlp(model, name) and not config.refine_mlp:
-                weight.copy_(current.to(weight.dtype))
-                continue
-            result = dsnot_refine(
-                dense, current, keep, s.mean, s.var, s.sq_norm, max_cycles=config.max_cycles,
-                threshold=threshold, var_power=config.var_power, same_sign=config.same_sign, nm=config.nm,
-                init_score=score,
-            )  # fmt: skip
-            weight.copy_(result.weight.to(weight.dtype))
-            layer_refined[f"layers.{index}.{name}"] = {
-                "mean_abs_error_before": result.error_before.abs().mean().item(),
-                "mean_abs_error_after": result.error_after.abs().mean().item(),
-                "mean_swaps_per_row": result.swaps.float().mean().item(),
-            }
-        refined.update(layer_refined)
-        return layer_refined
-
-    counts = prune_layer_by_layer(
-        model, ctx.calibration, ctx.targets, prune, with_hessian=config.init == "sparsegpt",
-        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
-        on_restore=lambda index, layer_refined: refined.update(layer_refined),
+    calibration = calibrate_layers(
+        model, ctx.calibration, ctx.targets, with_hessian=config.init == "sparsegpt", batch_size=config.batch_size,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
-    report = sparsity_report(counts)
+    with torch.no_grad():
+        for layer in calibration:
+            _prune_and_refine(model, layer, config, ctx)
+    refined = {key: value for info in calibration.infos.values() for key, value in info.items()}
+    report = sparsity_report(calibration.counts)
     before = sum(r["mean_abs_error_before"] for r in refined.values())
     after = sum(r["mean_abs_error_after"] for r in refined.values())
     report.update(

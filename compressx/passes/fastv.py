@@ -6,7 +6,7 @@ K-1 the attention that the last prompt position pays to each vision token, avera
 tokens; from layer K on only the top ``(1 - ratio)`` of them stay, with every text token. Defaults K = 2,
 ratio = 0.5 (the paper's "1/2 tokens after layer 2").
 
-Touches: forward hooks only (``compressx.ops.token_withdrawal``, the same machinery as ``vtw``); ``remove()``
+Touches: forward hooks only (``compressx.hooks.token_withdrawal``, the same machinery as ``vtw``); ``remove()``
 restores the model exactly.
 
 Deviations from the official code: the attention is recomputed from layer K-1's projections for the last
@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
-from compressx.ops.token_withdrawal import TokenWithdrawal, decoder_of, keep_index, withdrawal_flops
+from compressx.hooks.flops import withdrawal_flops
+from compressx.hooks.token_withdrawal import TokenWithdrawal, decoder_of, keep_index
 from compressx.passes.vtw import withdrawal_problems
 from compressx.registry import PassContext, PassResult, register_pass
 

@@ -42,13 +42,8 @@ from tqdm.auto import tqdm
 
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError
-from compressx.ops.token_withdrawal import (
-    TokenWithdrawal,
-    check_attention,
-    decoder_of,
-    vision_token_ids,
-    withdrawal_flops,
-)
+from compressx.hooks.flops import withdrawal_flops
+from compressx.hooks.token_withdrawal import TokenWithdrawal, check_attention, decoder_of, vision_token_ids
 from compressx.registry import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)

@@ -24,15 +24,18 @@ import torch.nn as nn
 
 from compressx.config import PassConfig
 from compressx.errors import ConfigError
-from compressx.layerwise import LinearStats, layerwise_problems, prune_layer_by_layer
-from compressx.ops.sparsity import nm_mask, nm_shape_problems, resolve_pattern, sparsity_report, topk_mask
+from compressx.layerwise import (
+    DECODER_LINEARS,
+    LAYERWISE_TYPES,
+    CalibratedLayer,
+    calibrate_layers,
+    layerwise_nm_problems,
+    layerwise_problems,
+)
+from compressx.ops.pruning_scores import wanda_scores
+from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
 from compressx.registry import PassContext, PassResult, register_pass
-from compressx.targets import TransposedLinear, weight_matrix
-
-DECODER_LINEARS = ("re:.*layers\\.\\d+\\..*",)  # for a model that is not a causal LM (one has its decoder layers)
-# Linear layers, and transformers' Conv1D (GPT-2) as the Linear it is. Fused MoE experts are refused: calibrating
-# them needs each expert's own inputs, which these passes do not collect.
-LAYERWISE_TYPES = (nn.Linear, TransposedLinear)
+from compressx.targets import weight_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +65,6 @@ class WandaConfig(PassConfig):
         return resolve_pattern(self.sparsity, self.pattern)[1]
 
 
-def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """``|W| * ||X||`` per weight, from the squared input-channel norms ``sq_norm`` ``[C_in]``."""
-    return weight.detach().float().abs() * sq_norm.float().sqrt()[None, :]
-
-
 def wanda_mask(
     weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
 ) -> torch.Tensor:
@@ -75,8 +73,13 @@ def wanda_mask(
     return nm_mask(scores, *nm) if nm else topk_mask(scores, sparsity, dim=1)
 
 
-def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
-    return nm_shape_problems({name: weight_matrix(m) for name, m in targets.items()}, config.nm)
+def _prune_layer(layer: CalibratedLayer, config: WandaConfig) -> None:
+    """Prune one decoder layer's Linears. A function of its own so that nothing it made (masks, onloaded weight
+    views) stays alive while the next layer is calibrated."""
+    for name, linear in layer.linears.items():
+        weight = weight_matrix(linear)
+        keep = wanda_mask(weight, layer.stats[name].sq_norm, config.sparsity, config.nm)
+        weight.masked_fill_(~keep.to(weight.device), 0.0)
 
 
 @register_pass(
@@ -88,20 +91,16 @@ def _check(targets: dict[str, nn.Module], config: WandaConfig) -> list[str]:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=_check,
+    check=layerwise_nm_problems,
     check_model=layerwise_problems,
 )
 def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> PassResult:
     """Prune the target Linears layer by layer with Wanda scores; report the sparsity reached."""
-
-    def prune(index: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats]) -> None:
-        for name, linear in linears.items():
-            weight = weight_matrix(linear)
-            keep = wanda_mask(weight, stats[name].sq_norm, config.sparsity, config.nm)
-            weight.masked_fill_(~keep.to(weight.device), 0.0)
-
-    counts = prune_layer_by_layer(
-        model, ctx.calibration, ctx.targets, prune, batch_size=config.batch_size, device=config.device,
+    calibration = calibrate_layers(
+        model, ctx.calibration, ctx.targets, batch_size=config.batch_size, device=config.device,
         progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
-    return PassResult(report=sparsity_report(counts))
+    with torch.no_grad():
+        for layer in calibration:
+            _prune_layer(layer, config)
+    return PassResult(report=sparsity_report(calibration.counts))

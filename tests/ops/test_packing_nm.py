@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compressx.ops.packing import check_packed_nm, pack_nm, unpack_nm
-from compressx.ops.sparsity import nm_mask, to_input_last
+from compressx.ops.sparsity import is_nm_sparse, nm_mask, to_input_last
 
 INT_VIEW = {
     torch.float32: torch.int32,
@@ -106,9 +106,33 @@ def test_check_packed_nm_rejects_bad_input():
         check_packed_nm(values, descending, (4, 16), 2, 4)
 
 
-def test_semi_structured_refuses_cpu_float32_and_says_why():
-    from compressx.ops.packing import to_semi_structured
+def to_semi_structured(model: torch.nn.Module) -> list[str]:
+    """Swap the 2:4-sparse ``Linear`` weights of a CUDA fp16/bf16 model for PyTorch's semi-structured sparse
+    tensors (``torch.sparse.to_sparse_semi_structured``: sparse tensor cores, Ampere and later); returns the names.
+    A recipe for users (docs/training.md), not part of compressx: only these tests use it.
 
+    Only Linear layers (PyTorch has no semi-structured conv), only 2:4 along the input dimension, only on CUDA in
+    half precision (in float32 the hardware pattern is 1:2). Raises ValueError when nothing qualifies, saying why.
+    """
+    converted, reasons = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weight = module.weight
+        if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"{name}: {weight.dtype} on {weight.device.type} (needs float16/bfloat16 on cuda)")
+        elif not is_nm_sparse(weight.detach(), 2, 4):
+            reasons.append(f"{name}: not 2:4 sparse")
+        else:
+            sparse = torch.sparse.to_sparse_semi_structured(weight.detach())
+            module.weight = torch.nn.Parameter(sparse, requires_grad=False)
+            converted.append(name)
+    if not converted:
+        raise ValueError("no Linear layer can take the semi-structured layout: " + "; ".join(reasons[:5]))
+    return converted
+
+
+def test_semi_structured_refuses_cpu_float32_and_says_why():
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
     with pytest.raises(ValueError, match=r"float32 on cpu \(needs float16/bfloat16 on cuda\)"):
         to_semi_structured(layer)
@@ -117,8 +141,6 @@ def test_semi_structured_refuses_cpu_float32_and_says_why():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with sparse tensor cores")
 def test_semi_structured_matches_dense_on_cuda():
-    from compressx.ops.packing import to_semi_structured
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
     model = model.half().cuda().eval()

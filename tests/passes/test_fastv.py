@@ -9,7 +9,7 @@ from transformers.cache_utils import DynamicCache
 
 import compressx
 from compressx.errors import ConfigError
-from compressx.ops.token_withdrawal import TokenWithdrawal, last_query_attention
+from compressx.hooks.token_withdrawal import TokenWithdrawal, last_query_attention
 from compressx.passes.fastv import FastvConfig, fastv_keep
 
 pytestmark = pytest.mark.usefixtures("one_thread")

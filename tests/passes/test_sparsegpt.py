@@ -4,8 +4,9 @@ import torch.nn as nn
 
 import compressx
 from compressx.errors import ConfigError
+from compressx.ops.pruning_scores import sparsegpt_prune
 from compressx.ops.sparsity import is_nm_sparse
-from compressx.passes.sparsegpt import SparsegptConfig, sparsegpt_prune
+from compressx.passes.sparsegpt import SparsegptConfig
 
 TOKENS = torch.randint(0, 64, (6, 24), generator=torch.Generator().manual_seed(0))
 

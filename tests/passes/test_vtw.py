@@ -9,7 +9,8 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 import compressx
 from compressx.errors import CompressxError, ConfigError
-from compressx.ops.token_withdrawal import TokenWithdrawal, decoder_flops, layer_linear_params, withdrawal_flops
+from compressx.hooks.flops import decoder_flops, layer_linear_params, withdrawal_flops
+from compressx.hooks.token_withdrawal import TokenWithdrawal
 from compressx.passes.vtw import VtwConfig, first_under, kl_divergence
 
 N_VIS = 16

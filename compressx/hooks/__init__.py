@@ -1,0 +1,1 @@
+"""Runtime passes' hook machinery: forward hooks that change what a model computes without changing its weights."""

@@ -1,0 +1,97 @@
+"""Pruning from calibration statistics, shared by the layer-by-layer passes (wanda, sparsegpt, dsnot).
+
+* Wanda (Sun et al., arXiv:2306.11695, section 3): the score ``|W_qr| * ||X_r||`` of each weight.
+* SparseGPT (Frantar, Alistarh, arXiv:2301.00774, Algorithm 1; reference code ``IST-DASLab/sparsegpt``): the
+  upper Cholesky factor ``U`` of the damped inverse Hessian, the saliency ``W^2 / diag(U)^2``, and the column sweep
+  that prunes and spreads each pruned weight's error onto the columns not yet processed (the OBS update). What
+  each pass does with them: ``compressx.passes.sparsegpt`` (its module docstring lists the differences from the
+  reference code) and ``compressx.passes.dsnot``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressx.ops.sparsity import pruned_count
+
+
+def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """``|W| * ||X||`` per weight, from the squared input-channel norms ``sq_norm`` ``[C_in]``."""
+    return weight.detach().float().abs() * sq_norm.float().sqrt()[None, :]
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped ``H^-1``; zeroes the weight columns of dead inputs in ``weight``."""
+    hessian = hessian.clone().double()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    damp = percdamp * torch.mean(torch.diag(hessian))
+    hessian += damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.linalg.cholesky(inverse, upper=True).float()
+
+
+def sparsegpt_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT's saliency ``W^2 / diag(U)^2`` of the dense weights (used by DSnoT to rank within N:M groups)."""
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
+    u = inverse_hessian_factor(hessian, w, percdamp)
+    return w.pow(2) / torch.diag(u).pow(2)[None, :]
+
+
+def _block_prune_counts(columns: int, blocksize: int, sparsity: float) -> list[int]:
+    """Per-row pruned count of each column block so that the totals add up to ``floor(sparsity * columns)``."""
+    ends = list(range(blocksize, columns, blocksize)) + [columns]
+    cumulative = [pruned_count(sparsity, end) for end in ends]
+    return [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]])]
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    *,
+    scope: str = "block",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` ``[rows, cols]`` with SparseGPT; returns ``(new_weight, keep_mask)`` (input not modified)."""
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
+    rows, cols = w.shape
+    u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    row_counts = _block_prune_counts(cols, blocksize, sparsity) if scope == "row" else None
+    for block, start in enumerate(range(0, cols, blocksize)):
+        end = min(start + blocksize, cols)
+        w1, u1 = w[:, start:end].clone(), u[start:end, start:end]
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            scores = w1.pow(2) / torch.diag(u1).pow(2)[None, :]
+            if scope == "row":
+                drop = torch.sort(scores, dim=1, stable=True).indices[:, : row_counts[block]]
+                mask1.scatter_(1, drop, True)
+            else:
+                n_drop = pruned_count(sparsity, scores.numel())
+                drop = torch.sort(scores.flatten(), stable=True).indices[:n_drop]
+                mask1.view(-1)[drop] = True
+        for i in range(end - start):
+            column = w1[:, i]
+            d = u1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                scores = w1[:, i : i + m].pow(2) / torch.diag(u1)[i : i + m].pow(2)[None, :]
+                drop = torch.sort(scores, dim=1, stable=True).indices[:, : m - n]
+                mask1.scatter_(1, i + drop, True)
+            q = column.clone()
+            q[mask1[:, i]] = 0.0
+            q1[:, i] = q
+            e = (column - q) / d
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, start:end] = q1
+        pruned[:, start:end] = mask1
+        w[:, end:] -= err1 @ u[start:end, end:]
+    return w.to(weight.dtype), ~pruned

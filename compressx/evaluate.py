@@ -7,7 +7,7 @@
 * ``top1`` — image classifiers: top-1 accuracy in percent on an image data block (``compressx.images``:
   ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
 * ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
-  answer (``samples`` questions, the four kinds in equal parts).
+  answer (``samples`` questions, the four kinds in equal parts; ``llava_smollm2_digits``: "which digit" only).
 """
 
 from __future__ import annotations
@@ -78,10 +78,16 @@ def _run_top1(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> flo
 def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
     if spec.data.source != "digits_vqa":
         raise CompressxError(f"{spec.label}: vqa_accuracy reads data source digits_vqa, got {spec.data.source}")
+    from compressx.zoo import llava_smollm2_digits
     from compressx.zoo.llava_digits import TASKS, accuracy, vqa_batches
 
+    split = spec.data.split or "test"
+    if llava_smollm2_digits.is_its_tokenizer(tokenizer):  # its chat-format questions, not llava_digits' words
+        data = spec.data
+        questions = llava_smollm2_digits.vqa_batches(tokenizer, split, data.samples, data.seed, spec.batch_size)
+        return llava_smollm2_digits.accuracy(model, questions)
     per_task = -(-spec.data.samples // len(TASKS))
-    return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
+    return accuracy(model, vqa_batches(split, per_task, spec.data.seed, spec.batch_size))
 
 
 # metric name -> (model families it applies to, runner, parser of its data block)

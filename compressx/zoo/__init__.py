@@ -33,7 +33,16 @@ import torch.nn as nn
 from compressx.atomic import exchange, fsync_tree, rename_noreplace, sha256_file, target_lock
 from compressx.data import ByteTokenizer
 from compressx.errors import CompressxError, unknown_name_message
-from compressx.zoo import llama_byte, llama_byte_outlier, llava_digits, resnet_digits, sd_digits, smollm2, vit_digits
+from compressx.zoo import (
+    llama_byte,
+    llama_byte_outlier,
+    llava_digits,
+    llava_smollm2_digits,
+    resnet_digits,
+    sd_digits,
+    smollm2,
+    vit_digits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,7 @@ MEMBERS: dict[str, ZooMember] = {
         _member(sd_digits, "diffusion"),
         _member(vit_digits, "vit"),
         _member(smollm2, "llm", smollm2.tokenizer),
+        _member(llava_smollm2_digits, "mllm", llava_smollm2_digits.tokenizer),
     )
 }
 

@@ -4,6 +4,8 @@ picks, FastV at the paper's setting, FLOPs ratios and measured prefill time rati
 (docs/results/vtw.md has the measured one) and writes every number to ``--json``.
 
 Run:  PYTHONPATH=. python tools/vtw_smollm2.py [--questions 200] [--calibration 20] [--repeats 7] [--json out.json]
+On a shared machine, split the accuracy rows over processes and merge (docs/results/vtw.md has the commands):
+      ... --ks 0 1 2 --rows-only --json a.json;  ... --ks 3 4 --json b.json;  ... --merge a.json b.json
 The zoo model is built on first use (see docs/zoo.md) and cached under $COMPRESSX_CACHE.
 """
 
@@ -57,26 +59,34 @@ def timed_ratio(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: l
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=200, help="test questions ('Which digit is this?')")
-    parser.add_argument("--calibration", type=int, default=20, help="calibration prompts of the search (val split)")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the prefill timing")
-    parser.add_argument("--timing-batch", type=int, default=16, help="prompts per timed prefill")
-    parser.add_argument("--json", help="write every number here")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """The numbers of the parts asked for: the search, FastV and the timing (unless ``--rows-only``) and the
+    accuracy rows of ``--ks``."""
     torch.set_num_threads(1)
     started = time.time()
     model, tok = load_zoo_model(NAME, progress=True)
     text_config = model.config.text_config
     n_layers = text_config.num_hidden_layers
     test = vqa_batches(tok, "test", args.questions, seed=0)
-    calib = calibration_prompts(tok, "val", args.calibration, seed=0)
     n_text = len(prompt_ids(tok)) - N_VIS
-    full = accuracy(model, test)
+    record: dict = {"questions": args.questions, "n_text": n_text, "n_vis": N_VIS, "n_layers": n_layers,
+                    "torch": torch.__version__, "rows": []}  # fmt: skip
+    record["full_accuracy"] = full = accuracy(model, test)
     print(f"full model: {100 * full:.1f}% on {args.questions} test questions", flush=True)
+    ks = range(n_layers + 1) if args.ks is None else args.ks
+    for k in ks:
+        handle = compressx.apply(model, [{"pass": "vtw", "config": {"layer": k}}], progress=False).steps[0].handle
+        acc = accuracy(model, test)
+        handle.remove()
+        flops = withdrawal_flops(text_config, n_text, N_VIS, 0, k)
+        record["rows"].append({"k": k, "accuracy": acc, "prefill_ratio": flops["prefill_ratio"],
+                               "decode_ratio": flops["decode_ratio"]})  # fmt: skip
+        print(f"K={k}: {100 * acc:.1f}%", flush=True)
+    if args.rows_only:
+        return record
 
     # One search over every K from 0 gives both curves; each criterion then reads its own (from SEARCH_START).
+    calib = calibration_prompts(tok, "val", args.calibration, seed=0)
     step = compressx.apply(
         model, [{"pass": "vtw", "config": {"layer": "auto", "search_start": 0}}], calib, progress=True
     ).steps[0]
@@ -91,58 +101,92 @@ def main() -> None:
         "max_changed_answers=0": first_under(searched_changed, 0, n_layers),
     }
     print(f"chosen: {chosen}", flush=True)
+    record.update(calibration=len(calib), mean_kl=mean_kl, changed=changed, chosen=chosen, search_start=SEARCH_START)
 
-    rows = []
-    for k in range(n_layers + 1):
-        handle = compressx.apply(model, [{"pass": "vtw", "config": {"layer": k}}], progress=False).steps[0].handle
-        acc = accuracy(model, test)
-        handle.remove()
-        flops = withdrawal_flops(text_config, n_text, N_VIS, 0, k)
-        rows.append({"k": k, "accuracy": acc, "mean_kl": mean_kl.get(k), "changed": changed.get(k),
-                     "prefill_ratio": flops["prefill_ratio"], "decode_ratio": flops["decode_ratio"]})  # fmt: skip
-        print(f"K={k}: {100 * acc:.1f}%  KL {mean_kl.get(k)}  changed {changed.get(k)}", flush=True)
     handle = compressx.apply(model, [{"pass": "fastv", "config": {"layer": 2, "ratio": 0.5}}], progress=False)
     fastv_acc = accuracy(model, test)
     handle.steps[0].handle.remove()
-    fastv_flops = withdrawal_flops(text_config, n_text, N_VIS, N_VIS - N_VIS // 2, 2)
+    record["fastv"] = {"accuracy": fastv_acc, **withdrawal_flops(text_config, n_text, N_VIS, N_VIS - N_VIS // 2, 2)}
 
     timed_k = sorted({k for k in chosen.values() if k < n_layers})
     timing_batch = vqa_batches(tok, "test", args.timing_batch, seed=99, batch_size=args.timing_batch)[0]
     steps = [{"label": f"vtw K={k}", "step": {"pass": "vtw", "config": {"layer": k}}} for k in timed_k]
     steps.append({"label": "fastv K=2 R=50%", "step": {"pass": "fastv", "config": {"layer": 2, "ratio": 0.5}}})
-    timing = timed_ratio(model, timing_batch, steps, args.repeats)
+    record["timing"] = timed_ratio(model, timing_batch, steps, args.repeats)
+    record["timing"].update(batch=args.timing_batch, repeats=args.repeats)
+    record["seconds"] = round(time.time() - started)
+    record["load_average"] = os.getloadavg()[0]
+    return record
 
-    load = os.getloadavg()[0]
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores (load average at the end {load:.1f}), "
-          f"torch {torch.__version__}, 1 thread; {time.time() - started:.0f} s")  # fmt: skip
-    print(f"prompt: {n_text} text + {N_VIS} vision tokens; {args.questions} test questions; {len(calib)} calibration "
-          f"prompts; full-model accuracy {100 * full:.1f}%; {n_layers} layers")  # fmt: skip
-    print(f"K chosen (candidates from {SEARCH_START}): " + ", ".join(f"{c} → K={k}" for c, k in chosen.items()))
-    print(f"\n| K | mean KL (search) | answers changed (of {len(calib)}) | accuracy % | Δ vs full | prefill FLOPs | "
-          "decode FLOPs | chosen by |")  # fmt: skip
+
+def merge(records: list[dict]) -> dict:
+    """One record from the parts of several runs (rows from all, the rest from the run that has it)."""
+    out = {k: v for r in records for k, v in r.items() if k != "rows"}
+    out["rows"] = sorted({r["k"]: r for rec in records for r in rec["rows"]}.values(), key=lambda r: r["k"])
+    fulls = {r["full_accuracy"] for r in records}
+    if len(fulls) != 1:
+        raise SystemExit(f"the parts disagree on the full model's accuracy: {fulls}")
+    return out
+
+
+def table(record: dict) -> None:
+    full, n_layers = record["full_accuracy"], record["n_layers"]
+    mean_kl = {int(k): v for k, v in record["mean_kl"].items()}
+    changed = {int(k): v for k, v in record["changed"].items()}
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {record['torch']}, 1 thread")
+    print(f"prompt: {record['n_text']} text + {record['n_vis']} vision tokens; {record['questions']} test questions; "
+          f"{record['calibration']} calibration prompts; full-model accuracy {100 * full:.1f}%; "
+          f"{n_layers} layers")  # fmt: skip
+    chosen = record["chosen"]
+    print(
+        f"K chosen (candidates from {record['search_start']}): " + ", ".join(f"{c} → K={k}" for c, k in chosen.items())
+    )
+    print(f"\n| K | mean KL (search) | answers changed (of {record['calibration']}) | accuracy % | Δ vs full | "
+          "prefill FLOPs | decode FLOPs | chosen by |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        marks = ", ".join(c for c, k in chosen.items() if k == r["k"])
-        kl = f"{r['mean_kl']:.4g}" if r["mean_kl"] is not None else "—"
-        label = f"{r['k']} (off)" if r["k"] == n_layers else str(r["k"])
-        print(f"| {label} | {kl} | {r['changed'] if r['changed'] is not None else '—'} | {100 * r['accuracy']:.1f} | "
+    for r in record["rows"]:
+        k = r["k"]
+        marks = ", ".join(f"**{c}**" for c, chosen_k in chosen.items() if chosen_k == k)
+        kl = f"{mean_kl[k]:.4g}" if k in mean_kl else "—"
+        label = f"{k} (off)" if k == n_layers else str(k)
+        print(f"| {label} | {kl} | {changed.get(k, '—')} | {100 * r['accuracy']:.1f} | "
               f"{100 * (r['accuracy'] - full):+.1f} | {r['prefill_ratio']:.3f} | {r['decode_ratio']:.3f} | "
               f"{marks} |")  # fmt: skip
-    print(f"| fastv K=2 R=50% | — | — | {100 * fastv_acc:.1f} | {100 * (fastv_acc - full):+.1f} | "
-          f"{fastv_flops['prefill_ratio']:.3f} | {fastv_flops['decode_ratio']:.3f} | |")  # fmt: skip
-    print(f"\nmeasured prefill time ({args.timing_batch} prompts per prefill, {args.repeats} interleaved rounds, "
+    fastv = record["fastv"]
+    print(f"| fastv K=2 R=50% | — | — | {100 * fastv['accuracy']:.1f} | {100 * (fastv['accuracy'] - full):+.1f} | "
+          f"{fastv['prefill_ratio']:.3f} | {fastv['decode_ratio']:.3f} | |")  # fmt: skip
+    timing = record["timing"]
+    print(f"\nmeasured prefill time ({timing['batch']} prompts per prefill, {timing['repeats']} interleaved rounds, "
           f"median full {timing['median_seconds']['full']:.3f} s):")  # fmt: skip
-    for s in steps:
-        label = s["label"]
-        print(f"- {label}: {timing['median_seconds'][label]:.3f} s, ratio of medians "
-              f"{timing['ratio_of_medians'][label]:.3f}; per round {timing['ratio_per_round'][label]}")  # fmt: skip
+    for label, ratio in timing["ratio_of_medians"].items():
+        print(f"- {label}: {timing['median_seconds'][label]:.3f} s, ratio of medians {ratio:.3f}; "
+              f"per round {timing['ratio_per_round'][label]}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=200, help="test questions ('Which digit is this?')")
+    parser.add_argument("--calibration", type=int, default=20, help="calibration prompts of the search (val split)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the prefill timing")
+    parser.add_argument("--timing-batch", type=int, default=16, help="prompts per timed prefill")
+    parser.add_argument("--ks", type=int, nargs="+", help="only these K rows (default: every K from 0 to L)")
+    parser.add_argument("--rows-only", action="store_true", help="only the accuracy rows: no search, FastV, timing")
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of these parts' JSON files")
+    args = parser.parse_args()
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path) as f:
+                parts.append(json.load(f))
+        record = merge(parts)
+    else:
+        record = measure(args)
     if args.json:
-        record = {"full_accuracy": full, "questions": args.questions, "calibration": len(calib), "rows": rows,
-                  "chosen": chosen, "search_start": SEARCH_START, "fastv": {"accuracy": fastv_acc, **fastv_flops},
-                  "timing": timing, "n_text": n_text, "n_vis": N_VIS, "torch": torch.__version__,
-                  "seconds": round(time.time() - started)}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
+    if "timing" in record:
+        table(record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from compressx.zoo import llava_smollm2_digits as member
 from compressx.zoo import smollm2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REDUCED_STEPS = 30  # alignment steps of the tests' build (the member's own build: TRAINING["steps"] = 100)
+REDUCED_STEPS = 20  # alignment steps of the tests' build (the member's own build: TRAINING["steps"] = 100)
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,11 @@ def test_vtw_recipe_with_the_papers_eta_exports_and_reloads_at_the_searched_k(lm
     assert target.name.endswith(f"-{REDUCED_STEPS}steps")
     path = Path(__file__).resolve().parents[2] / "recipes" / "mllm" / "vtw.yaml"
     recipe = load_recipe(path, [f"export.dir={tmp_path / 'out'}", "eval.0.data.samples=100"])
-    assert recipe.steps[0].config["threshold"] == 0.003  # the paper's η
+    assert recipe.steps[0].config.threshold == 0.003  # the paper's η
     run = run_recipe(recipe, progress=False)
     assert (target / member.NEW_PARAMETERS).stat().st_size < 3_000_000  # only the new parameters are cached
     label = "vqa_accuracy (digits_vqa/test, 100 questions)"
-    assert run.eval_before[label] > 0.5  # the frozen SmolLM2 reads the digits through the projector
+    assert run.eval_before[label] > 0.2  # twice chance, after 20 steps: SmolLM2 reads the digits via the projector
     report = run.result.steps[0].report
     layer = report["layer"]
     assert 5 <= layer < 30 and report["flops"]["prefill_ratio"] < 1  # the search withdraws, from the official start
@@ -126,3 +126,19 @@ def test_vtw_recipe_with_the_papers_eta_exports_and_reloads_at_the_searched_k(lm
         expected = run.model(**prompt).logits
     assert logits.shape[1] == prompt["input_ids"].shape[1] - 16  # the vision tokens are withdrawn ...
     torch.testing.assert_close(logits, expected)  # ... at the searched K (another K gives other logits)
+
+
+def test_results_tool_merges_the_parts_of_a_split_run():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "vtw_smollm2.py"
+    spec = importlib.util.spec_from_file_location("vtw_smollm2", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [{"k": k, "accuracy": 0.5} for k in range(4)]
+    search = {"full_accuracy": 0.9, "rows": [rows[3]], "chosen": {"η=0.003 (paper)": 3}}
+    merged = tool.merge([{"full_accuracy": 0.9, "rows": [rows[2], rows[0]]}, search, {"full_accuracy": 0.9,
+                         "rows": [rows[1], rows[2]]}])  # fmt: skip
+    assert [r["k"] for r in merged["rows"]] == [0, 1, 2, 3] and merged["chosen"] == search["chosen"]
+    with pytest.raises(SystemExit, match="disagree"):
+        tool.merge([search, {"full_accuracy": 0.8, "rows": []}])

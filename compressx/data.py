@@ -14,7 +14,8 @@ Multimodal sources give prompts with images as model-input mappings (``load_cali
 metrics on multimodal LLMs:
 
 * ``digits_vqa`` — visual questions about scikit-learn's digit images, in the word vocabulary of the zoo's
-  ``llava_digits`` (``split:`` train / val / test; ``samples`` prompts, the four question kinds in turn);
+  ``llava_digits`` (``split:`` train / val / test; ``samples`` prompts, the four question kinds in turn); for
+  ``llava_smollm2_digits`` (recognised by its tokenizer) ``Which digit is this?`` in SmolLM2's chat format;
 * ``image_prompts`` — a local JSON-lines file (``path:``), one ``{"image": <file>, "prompt": <text with the
   model's image placeholder>}`` per line, run through the model's processor; the first ``samples`` lines.
 
@@ -344,9 +345,11 @@ def load_calibration(spec: Any, tokenizer: Any) -> Any:
     if isinstance(spec, ImageDataSpec):
         return image_dataset(spec)
     if spec.source == "digits_vqa":
-        from compressx.zoo.llava_digits import calibration_prompts
+        from compressx.zoo import llava_digits, llava_smollm2_prompts
 
-        return calibration_prompts(spec.split or "val", spec.samples, spec.seed)
+        if llava_smollm2_prompts.is_its_tokenizer(tokenizer):  # its chat-format prompts, not llava_digits' words
+            return llava_smollm2_prompts.calibration_prompts(tokenizer, spec.split or "val", spec.samples, spec.seed)
+        return llava_digits.calibration_prompts(spec.split or "val", spec.samples, spec.seed)
     if spec.source == "image_prompts":
         return image_prompts(spec, tokenizer)
     return load_tokens(spec, tokenizer)

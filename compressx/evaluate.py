@@ -7,7 +7,7 @@
 * ``top1`` — image classifiers: top-1 accuracy in percent on an image data block (``compressx.images``:
   ``{source: digits, split: test}`` or ``{source: image_folder, path: ..., split: val}``).
 * ``vqa_accuracy`` — multimodal LLMs on ``digits_vqa``: the fraction of questions whose greedy next token is the
-  answer (``samples`` questions, the four kinds in equal parts).
+  answer (``samples`` questions, the four kinds in equal parts; ``llava_smollm2_digits``: "which digit" only).
 * ``lm_eval`` — causal language models: EleutherAI's lm-evaluation-harness on local task files and data
   (``compressx.lm_harness``; optional extra ``compressx[lm_eval]``); no ``data`` block, one result per task metric.
 """
@@ -95,10 +95,16 @@ def _run_top1(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> flo
 def _run_vqa_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, progress: bool) -> float:
     if spec.data.source != "digits_vqa":
         raise CompressxError(f"{spec.label}: vqa_accuracy reads data source digits_vqa, got {spec.data.source}")
+    from compressx.zoo import llava_smollm2_prompts
     from compressx.zoo.llava_digits import TASKS, accuracy, vqa_batches
 
+    split = spec.data.split or "test"
+    if llava_smollm2_prompts.is_its_tokenizer(tokenizer):  # its chat-format questions, not llava_digits' words
+        data = spec.data
+        questions = llava_smollm2_prompts.vqa_batches(tokenizer, split, data.samples, data.seed, spec.batch_size)
+        return llava_smollm2_prompts.accuracy(model, questions)
     per_task = -(-spec.data.samples // len(TASKS))
-    return accuracy(model, vqa_batches(spec.data.split or "test", per_task, spec.data.seed, spec.batch_size))
+    return accuracy(model, vqa_batches(split, per_task, spec.data.seed, spec.batch_size))
 
 
 class Metric(NamedTuple):

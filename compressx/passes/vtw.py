@@ -9,12 +9,14 @@ tokens), with their original rotary positions (a gap where the image was). Nothi
 ``layer: auto`` picks K as the paper does: on the calibration prompts, for every candidate d in
 ``search_start … L-1``, the KL divergence ``KL(P_withdrawn@d ‖ P_full)`` of the last position's next-token
 distribution is averaged over the prompts; K is the first d whose mean is <= ``threshold`` (η, default 0.003, the
-official value for LLaVA-1.5-7B and every unlisted model). The KL of every candidate is logged and reported.
+official value for LLaVA-1.5-7B and every unlisted model). Instead of η, ``max_changed_answers: N`` (not in the
+paper) takes the first d at which the greedy next token changes on at most N calibration prompts. Both curves
+(mean KL and changed answers per candidate) are logged and reported, whichever criterion chose K.
 
 Models: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` (Llama, Mistral or Qwen2
 decoders) and ``Qwen2VLForConditionalGeneration``; anything else gets a ``CompressxError``.
 
-Touches: forward hooks on the outer model, its text decoder and every decoder layer (``compressx.ops.
+Touches: forward hooks on the outer model, its text decoder and every decoder layer (``compressx.hooks.
 token_withdrawal``); no weight changes. ``remove()`` on the handle restores the model exactly.
 
 Deviations from the official code, all beyond its batch-size-1 / one-image / global-state design:
@@ -49,6 +51,9 @@ from compressx.registry import PassContext, PassResult, register_pass
 log = logging.getLogger(__name__)
 
 
+DEFAULT_THRESHOLD = 0.003  # the official η for LLaVA-1.5-7B and every model the official code does not list
+
+
 @dataclasses.dataclass(frozen=True)
 class VtwConfig(PassConfig):
     """Config of the ``vtw`` pass.
@@ -56,14 +61,18 @@ class VtwConfig(PassConfig):
     Attributes:
         layer: K, the first decoder layer without vision tokens (0-based; K >= L leaves the model unchanged),
             or ``"auto"`` for the KL search on the calibration prompts.
-        threshold: η, the largest mean KL divergence accepted by the search (default 0.003, the paper's value for
-            LLaVA-1.5-7B; the official code uses 0.0005 for 13B and 0.0001 for LLaVA-1.6-vicuna-7B).
+        threshold: η, the largest mean KL divergence accepted by the search (0.003 when neither criterion is
+            given: the paper's value for LLaVA-1.5-7B; the official code uses 0.0005 for 13B and 0.0001 for
+            LLaVA-1.6-vicuna-7B).
+        max_changed_answers: the other criterion (give one of the two): the search takes the first layer at which
+            the greedy next token changes on at most this many calibration prompts (0: on none).
         search_start: the first candidate layer of the search (default 5, the official value).
         calibration_samples: how many calibration prompts the search uses (default 20, the official value).
     """
 
     layer: int | str = "auto"
-    threshold: float = 0.003
+    threshold: float | None = None
+    max_changed_answers: int | None = None
     search_start: int = 5
     calibration_samples: int = 20
 
@@ -72,12 +81,26 @@ class VtwConfig(PassConfig):
             raise ConfigError(f"got {self.layer!r}; expected a layer index (integer >= 0) or 'auto'", path="layer")
         if isinstance(self.layer, int) and self.layer < 0:
             raise ConfigError(f"got {self.layer}; expected a layer index >= 0 or 'auto'", path="layer")
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
+        if self.threshold is not None and self.max_changed_answers is not None:
+            raise ConfigError(
+                "give one search criterion: threshold (η, the mean KL) or max_changed_answers, not both",
+                path="max_changed_answers",
+            )
+        if self.threshold is not None and not (self.threshold >= 0 and math.isfinite(self.threshold)):
             raise ConfigError(f"got {self.threshold}; expected a finite number >= 0", path="threshold")
+        if self.max_changed_answers is not None and self.max_changed_answers < 0:
+            raise ConfigError(f"got {self.max_changed_answers}; expected an integer >= 0", path="max_changed_answers")
         if self.search_start < 0:
             raise ConfigError(f"got {self.search_start}; expected >= 0", path="search_start")
         if self.calibration_samples < 1:
             raise ConfigError(f"got {self.calibration_samples}; expected >= 1", path="calibration_samples")
+
+    @property
+    def criterion(self) -> tuple[str, float]:
+        """The search criterion in use: ``("max_changed_answers", N)`` or ``("threshold", η)``."""
+        if self.max_changed_answers is not None:
+            return "max_changed_answers", self.max_changed_answers
+        return "threshold", DEFAULT_THRESHOLD if self.threshold is None else self.threshold
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -87,10 +110,11 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def first_under(mean_kl: dict[int, float], threshold: float, disabled: int) -> int:
-    """The first candidate layer (in increasing order) whose mean KL is <= ``threshold``; ``disabled`` if none."""
-    for layer in sorted(mean_kl):
-        if mean_kl[layer] <= threshold:
+def first_under(per_layer: dict[int, float], bound: float, disabled: int) -> int:
+    """The first candidate layer (in increasing order) whose value (mean KL, or changed answers) is <= ``bound``;
+    ``disabled`` if none."""
+    for layer in sorted(per_layer):
+        if per_layer[layer] <= bound:
             return layer
     return disabled
 
@@ -191,16 +215,20 @@ def apply_vtw(model: nn.Module, config: VtwConfig, ctx: PassContext) -> PassResu
         if config.layer == "auto":
             candidates = list(range(min(config.search_start, n_layers), n_layers))
             mean_kl, changed = search_layer(model, handle, batches, candidates, ctx.progress)
-            layer = first_under(mean_kl, config.threshold, n_layers)
+            criterion, bound = config.criterion
+            layer = first_under(changed if criterion == "max_changed_answers" else mean_kl, bound, n_layers)
             n_prompts = sum(b["input_ids"].shape[0] for b in batches)
             for d, kl in mean_kl.items():
                 log.info("vtw: K=%d mean KL %.6g, greedy next token changed on %d/%d prompts%s", d, kl, changed[d],
                          n_prompts, "  <- chosen" if d == layer else "")  # fmt: skip
             if layer == n_layers:
-                log.warning(
-                    "vtw: no layer keeps the KL under %g; withdrawal is off (K = L = %d)", config.threshold, n_layers
-                )
-            report.update(kl_per_layer={str(d): round(kl, 8) for d, kl in mean_kl.items()}, threshold=config.threshold)
+                what = "the mean KL" if criterion == "threshold" else "the changed answers"
+                log.warning("vtw: no layer keeps %s at or under %s = %g; withdrawal is off (K = L = %d)", what,
+                            criterion, bound, n_layers)  # fmt: skip
+            else:
+                log.info("vtw: %s = %g chose K = %d", criterion, bound, layer)
+            report.update(kl_per_layer={str(d): round(kl, 8) for d, kl in mean_kl.items()}, criterion=criterion)
+            report.update({criterion: bound})
             report.update(changed_per_layer={str(d): n for d, n in changed.items()}, calibration_prompts=n_prompts)
         else:
             layer = config.layer

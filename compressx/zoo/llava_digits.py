@@ -212,14 +212,16 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
-def _pretrain_vision(model: Any, images: torch.Tensor, labels: torch.Tensor, hp: dict[str, Any]) -> None:
+def _pretrain_vision(
+    model: Any, images: torch.Tensor, labels: torch.Tensor, hp: dict[str, Any], progress: bool = False, desc: str = ""
+) -> None:
     """Stage 1: the vision tower alone learns the digits through a linear probe on its mean patch feature (LLaVA
     starts from a pretrained CLIP the same way)."""
     tower = model.model.vision_tower
     probe = torch.nn.Linear(tower.config.hidden_size, 10)
     optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr=hp["lr"], weight_decay=0.05)
     gen = torch.Generator().manual_seed(hp["seed"] + 1)
-    for _ in range(hp["vision_steps"]):
+    for _ in tqdm(range(hp["vision_steps"]), desc=desc, disable=not progress, unit="step"):
         picks = torch.randint(0, len(labels), (128,), generator=gen)
         features = tower(pixel_values=images[picks]).last_hidden_state[:, 1:].mean(1)
         F.cross_entropy(probe(features), labels[picks]).backward()

@@ -244,6 +244,43 @@ def test_kl_search_counts_the_prompts_whose_greedy_token_changes():
     assert expected["1"] > 0 and report["changed_per_layer"] == expected
 
 
+def test_max_changed_answers_picks_the_first_layer_by_the_changed_answer_curve():
+    # One search, both curves: with max_changed_answers the pass reads the changed-answer curve, not the KL one.
+    model = make_tiny_llava(layers=3)
+    data = [{"input_ids": prompt(), "pixel_values": pixels(seed=s)} for s in range(8)]
+    by_kl = compressx.apply(model, [{"pass": "vtw", "config": {"layer": "auto", "threshold": 0.0, "search_start": 0}}],
+                            data, progress=False).steps[0]  # fmt: skip
+    by_kl.handle.remove()
+    changed = {int(d): n for d, n in by_kl.report["changed_per_layer"].items()}
+    assert by_kl.report["criterion"] == "threshold" and by_kl.report["layer"] == 3  # KL never 0: off
+    for most in sorted(set(changed.values())):
+        steps = [{"pass": "vtw", "config": {"layer": "auto", "max_changed_answers": most, "search_start": 0}}]
+        step = compressx.apply(model, steps, data, progress=False).steps[0]
+        step.handle.remove()
+        expected = min(d for d, n in changed.items() if n <= most)
+        assert step.report["layer"] == expected == step.reapply_config.layer
+        assert step.report["criterion"] == "max_changed_answers" and step.report["max_changed_answers"] == most
+        assert step.report["changed_per_layer"] == by_kl.report["changed_per_layer"]
+        assert step.report["kl_per_layer"] == by_kl.report["kl_per_layer"]  # both curves, whichever criterion
+        assert "threshold" not in step.report
+    assert changed[0] > 0  # the tiny model's answers do depend on the image at K = 0
+
+
+def test_search_criterion_is_one_of_two_and_validated():
+    assert VtwConfig().criterion == ("threshold", 0.003)  # the paper's η when nothing is said
+    assert VtwConfig(threshold=0.03).criterion == ("threshold", 0.03)
+    assert VtwConfig(max_changed_answers=0).criterion == ("max_changed_answers", 0)
+    with pytest.raises(ConfigError, match="not both") as err:
+        VtwConfig.from_dict({"threshold": 0.003, "max_changed_answers": 0})
+    assert err.value.path == "max_changed_answers"
+    with pytest.raises(ConfigError, match=">= 0"):
+        VtwConfig.from_dict({"max_changed_answers": -1})
+    with pytest.raises(ConfigError, match="max_changed_answers"):
+        VtwConfig.from_dict({"max_changed_answers": 0.5})
+    with pytest.raises(ConfigError, match="max_changed_answers"):
+        VtwConfig.from_dict({"max_changed_answers": True})
+
+
 def test_kl_search_with_no_layer_under_threshold_switches_withdrawal_off(tiny_llava):
     data = {"input_ids": prompt(), "pixel_values": pixels()}
     steps = [{"pass": "vtw", "config": {"layer": "auto", "threshold": 0.0, "search_start": 0}}]

@@ -48,7 +48,7 @@ def test_vtw_recipe_on_the_zoo_llava(zoo_cache, tmp_path, monkeypatch):
     from compressx.recipe import load_recipe
 
     monkeypatch.setenv("COMPRESSX_CACHE", zoo_cache)
-    path = Path(__file__).resolve().parents[2] / "recipes" / "mllm" / "vtw.yaml"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "mllm" / "vtw_llava_digits.yaml"
     recipe = load_recipe(path, [f"export.dir={tmp_path / 'out'}", "eval.0.data.samples=200"])
     run = run_recipe(recipe, progress=False)
     label = "vqa_accuracy (digits_vqa/test, 200 questions)"

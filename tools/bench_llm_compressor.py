@@ -20,6 +20,7 @@ Run (one thread, ~25 min on one core for the default 3 repeats x 4 settings x 2 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -64,12 +65,38 @@ def _perplexity(model, tokens, batch_size: int = 8) -> float:
     return math.exp(total / count)
 
 
-def _prune_compressx(model, calib, method: str, sparsity: float, nm, batch_size: int) -> None:
+DECODER = ["re:.*layers\\.\\d+\\..*"]
+
+
+def compressx_step(method: str, sparsity: float, nm, batch_size: int) -> dict | None:
+    """The compressx step of a method name: ``magnitude`` (per layer), ``wanda``, ``sparsegpt``,
+    ``dsnot-<init>`` (DSnoT at its defaults on the ``init`` mask) and ``dsnot0-<init>`` (the same code with 0
+    cycles: DSnoT's matched initial mask, same per-row grouping); ``dense`` is no step."""
+    pattern = {"pattern": f"{nm[0]}:{nm[1]}"} if nm else {"sparsity": sparsity}
+    if method == "dense":
+        return None
+    if method == "magnitude":
+        return {"pass": "magnitude", "config": pattern, "targets": DECODER}
+    if method in ("wanda", "sparsegpt"):
+        return {"pass": method, "config": dict(pattern, batch_size=batch_size)}
+    kind, init = method.split("-")
+    cycles = {"max_cycles": 0} if kind == "dsnot0" else {}
+    return {"pass": "dsnot", "config": dict(pattern, init=init, batch_size=batch_size, **cycles)}
+
+
+def _prune_compressx(model, calib, method: str, sparsity: float, nm, batch_size: int) -> dict:
     import compressx
 
-    config = {"pattern": f"{nm[0]}:{nm[1]}"} if nm else {"sparsity": sparsity}
-    compressx.apply(model, [{"pass": method, "config": dict(config, batch_size=batch_size)}], data=calib,
-                    progress=False)  # fmt: skip
+    step = compressx_step(method, sparsity, nm, batch_size)
+    if step is None:
+        return {}
+    report = compressx.apply(model, [step], data=calib, progress=False).steps[0].report
+    refined = report.get("refinement", {})
+    return {
+        "expected_error_reduction": report.get("expected_error_reduction"),
+        "refined_lower": sum(r["mean_abs_error_after"] < r["mean_abs_error_before"] for r in refined.values()),
+        "refined": len(refined),
+    }
 
 
 def _prune_llmcompressor(model, calib, method: str, sparsity: float, nm, batch_size: int) -> None:
@@ -102,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
     rss_loaded = _peak_rss_mib()
     prune = _prune_compressx if args.side == "compressx" else _prune_llmcompressor
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    prune(model, tokens["calib"], args.method, sparsity, nm, args.batch_size)
+    info = prune(model, tokens["calib"], args.method, sparsity, nm, args.batch_size)
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
     peak = _peak_rss_mib()
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
@@ -113,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         "peak_rss_mib": peak, "rss_after_load_mib": rss_loaded, "sparsity": zeros / total,
         "ppl": {name[len("heldout_"):]: _perplexity(model, t) for name, t in tokens.items()
                 if name.startswith("heldout_")},
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), **(info or {}),
     }  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -192,6 +219,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (2: both sides of a setting together)")
     parser.add_argument("--out", default=None, help="write the markdown table here (default: print it)")
     args = parser.parse_args()
     if args.worker:
@@ -207,15 +235,22 @@ def main() -> None:
     tokens = work / "tokens.safetensors"
     model = write_tokens(tokens, args.calib_samples, args.seq_len, args.eval_samples, args.seed)
     python = {"compressx": args.cx_python, "compressx@llmc-venv": args.llmc_python, "llmcompressor": args.llmc_python}
-    results: list[dict] = []
+    tasks = []
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
             for pattern in args.patterns.split(","):
                 for side in sides if repeat % 2 == 0 else sides[::-1]:  # alternate who goes first
-                    r = run_one(python[side], side, method, pattern, model, tokens, args.batch_size)
-                    r["side"], r["repeat"] = side, repeat
-                    results.append(r)
-                    print(json.dumps(r), flush=True)
+                    tasks.append((repeat, side, method, pattern))
+
+    def run(task):
+        repeat, side, method, pattern = task
+        r = run_one(python[side], side, method, pattern, model, tokens, args.batch_size)
+        r["side"], r["repeat"] = side, repeat
+        print(json.dumps(r), flush=True)
+        return r
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results: list[dict] = list(pool.map(run, tasks))
     (work / "results.json").write_text(json.dumps(results, indent=1))
     load = os.getloadavg()
     lines = [
@@ -224,7 +259,8 @@ def main() -> None:
         + "; ".join(f"{s}: torch {next(r['torch'] for r in results if r['side'] == s)}" for s in sides)
         + f". Calibration: {args.calib_samples} pydoc_text train windows x {args.seq_len} tokens (seed {args.seed}), "
         f"batch size {args.batch_size}; perplexity on {args.eval_samples} held-out windows of prose (pydoc_text "
-        f"test) and of stdlib source (stdlib_text test). {args.repeats} interleaved repeats; median (min–max).",
+        f"test) and of stdlib source (stdlib_text test). {args.repeats} interleaved repeats"
+        f"{f', {args.jobs} runs at a time' if args.jobs > 1 else ''}; median (min–max).",
         "",
         "| method | pattern | side | CPU s | wall s | peak RSS MiB | sparsity | ppl prose | ppl source |",
         "|---|---|---|---|---|---|---|---|---|",

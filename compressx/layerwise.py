@@ -113,23 +113,35 @@ class LinearStats:
     sum_var: torch.Tensor | None = None
     xxt: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``)."""
-        x = x.detach().float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.detach().float()[None]
-        seq_len = x.shape[1]
+    def add(self, x: torch.Tensor, terms: tuple | None = None) -> tuple:
+        """Add a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``); returns the batch's terms, which
+        statistics of the same kind fed the very same tensor take as ``terms`` instead of computing them again."""
+        if terms is None:
+            x = x.detach().float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.detach().float()[None]
+            seq_len = x.shape[1]
+            flat = x.reshape(-1, self.columns)
+            terms = (
+                x.shape[0],
+                x.shape[0] * seq_len,
+                x.sum(dim=(0, 1)).double(),
+                x.pow(2).sum(dim=(0, 1)).double(),
+                (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double(),
+                (flat.T @ flat).double() if self.with_hessian else None,
+            )
+        n_seq, n_tok, sum_x, sum_x2, sum_var, xxt = terms
         if self.sum_x is None:
-            zeros = torch.zeros(self.columns, dtype=torch.float64, device=x.device)
+            zeros = torch.zeros(self.columns, dtype=torch.float64, device=sum_x.device)
             self.sum_x, self.sum_x2, self.sum_var = zeros.clone(), zeros.clone(), zeros.clone()
             if self.with_hessian:
-                self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=x.device)
-        self.n_seq += x.shape[0]
-        self.n_tok += x.shape[0] * seq_len
-        self.sum_x += x.sum(dim=(0, 1)).double()
-        self.sum_x2 += x.pow(2).sum(dim=(0, 1)).double()
-        self.sum_var += (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double()
+                self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=sum_x.device)
+        self.n_seq += n_seq
+        self.n_tok += n_tok
+        self.sum_x += sum_x
+        self.sum_x2 += sum_x2
+        self.sum_var += sum_var
         if self.with_hessian:
-            flat = x.reshape(-1, self.columns)
-            self.xxt += (flat.T @ flat).double()
+            self.xxt += xxt
+        return terms
 
     @property
     def mean(self) -> torch.Tensor:
@@ -403,13 +415,21 @@ def prune_layer_by_layer(
                 on_restore(index, restored)
             if linears and restored is None:
                 stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
+                # Linears fed the very same tensor (q/k/v, gate/up) share its batch terms: computed once, added to
+                # each (same values, so the same statistics); the reference is dropped after each forward
+                last: list = [None, None]
+
+                def record(s: LinearStats, x: torch.Tensor, last: list = last) -> None:
+                    last[:] = [x, s.add(x, last[1] if x is last[0] else None)]
+
                 hooks = [
-                    m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+                    m.register_forward_hook(lambda mod, inp, out, s=stats[name]: record(s, inp[0]))
                     for name, m in linears.items()
                 ]
                 try:
                     for hidden, kwargs in zip(hiddens, kwargs_list):
                         layer(hidden, **kwargs)
+                        last[:] = [None, None]
                 finally:
                     for hook in hooks:
                         hook.remove()

@@ -127,3 +127,34 @@ def test_decoder_layers_table_overrides_the_search(tiny_llama, monkeypatch):
     monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.norm")
     with pytest.raises(CompressxError, match="'model.norm' is a LlamaRMSNorm, not a ModuleList"):
         decoder_layers(tiny_llama)
+
+
+def test_linears_fed_the_same_tensor_share_its_statistics_computed_once(tiny_llama, monkeypatch):
+    """q/k/v (and gate/up) get the very same input tensor: its batch terms are computed once per forward, and each
+    Linear's statistics are exactly those computed from its own inputs."""
+    computed = []
+    add = LinearStats.add
+
+    def counting_add(self, x, terms=None):
+        if terms is None:
+            computed.append(self.columns)
+        return add(self, x, terms)
+
+    monkeypatch.setattr(LinearStats, "add", counting_add)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n}
+    k_inputs, seen = [], {}
+    handle = tiny_llama.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda m, i, o: k_inputs.append(i[0].clone())
+    )
+    prune_layer_by_layer(tiny_llama, tokens, targets, lambda index, linears, stats: seen.update(stats),
+                         with_hessian=True, batch_size=2, progress=False)  # fmt: skip
+    handle.remove()
+    assert len(computed) == 2 * 4  # 2 batches x (q/k/v, o_proj, gate/up, down_proj)
+    own = LinearStats(32, with_hessian=True)
+    for x in k_inputs[:2]:  # the calibration forwards (the next two are the pruned layer's output forwards)
+        own.add(x)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        for field in ("sum_x", "sum_x2", "sum_var", "xxt"):
+            assert torch.equal(getattr(seen[name], field), getattr(own, field)), (name, field)
+        assert (seen[name].n_seq, seen[name].n_tok) == (own.n_seq, own.n_tok)

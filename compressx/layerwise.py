@@ -102,10 +102,12 @@ class LinearStats:
     ``mean`` — per-channel mean over all tokens; ``var`` — the within-sequence population variance, averaged
     over sequences with token-count weights (the spread of per-sequence means is left out); ``sq_norm`` —
     ``||X_r||^2 / n_sequences`` (the Wanda norm, squared); ``hessian`` — ``2/n_tokens * X X^T`` when asked.
+    ``var`` only ``with_variance`` (DSnoT uses it; it is the costliest of the per-channel sums).
     """
 
     columns: int
     with_hessian: bool = False
+    with_variance: bool = True
     n_seq: int = 0
     n_tok: int = 0
     sum_x: torch.Tensor | None = None
@@ -125,7 +127,7 @@ class LinearStats:
                 x.shape[0] * seq_len,
                 x.sum(dim=(0, 1)).double(),
                 x.pow(2).sum(dim=(0, 1)).double(),
-                (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double(),
+                (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double() if self.with_variance else None,
                 (flat.T @ flat).double() if self.with_hessian else None,
             )
         n_seq, n_tok, sum_x, sum_x2, sum_var, xxt = terms
@@ -138,7 +140,8 @@ class LinearStats:
         self.n_tok += n_tok
         self.sum_x += sum_x
         self.sum_x2 += sum_x2
-        self.sum_var += sum_var
+        if self.with_variance:
+            self.sum_var += sum_var
         if self.with_hessian:
             self.xxt += xxt
         return terms
@@ -149,6 +152,8 @@ class LinearStats:
 
     @property
     def var(self) -> torch.Tensor:
+        if not self.with_variance:
+            raise RuntimeError("these statistics were collected without the variance")
         return (self.sum_var / self.n_tok).float()
 
     @property
@@ -356,6 +361,7 @@ def prune_layer_by_layer(
     prune_layer: PruneLayer,
     *,
     with_hessian: bool = False,
+    with_variance: bool = True,
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -371,6 +377,8 @@ def prune_layer_by_layer(
         prune_layer: ``prune_layer(layer_index, linears, stats)`` prunes the given Linears (names relative to
             the decoder layer) in place from their input statistics.
         with_hessian: also accumulate ``X X^T`` (SparseGPT).
+        with_variance: also accumulate the within-sequence variance (DSnoT); a pass that does not read
+            ``LinearStats.var`` saves its cost.
         batch_size: sequences per forward of a decoder layer.
         device: where each decoder layer runs (default: where the model is); only that layer is moved there.
             A model dispatched by accelerate with offloaded weights (``device_map`` with ``cpu``/``disk``,
@@ -414,7 +422,10 @@ def prune_layer_by_layer(
             if restored is not None and on_restore is not None:
                 on_restore(index, restored)
             if linears and restored is None:
-                stats = {name: LinearStats(weight_matrix(m).shape[1], with_hessian) for name, m in linears.items()}
+                stats = {
+                    name: LinearStats(weight_matrix(m).shape[1], with_hessian, with_variance)
+                    for name, m in linears.items()
+                }
                 # Linears fed the very same tensor (q/k/v, gate/up) share its batch terms: computed once, added to
                 # each (same values, so the same statistics); the reference is dropped after each forward
                 last: list = [None, None]

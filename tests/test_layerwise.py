@@ -158,3 +158,22 @@ def test_linears_fed_the_same_tensor_share_its_statistics_computed_once(tiny_lla
         for field in ("sum_x", "sum_x2", "sum_var", "xxt"):
             assert torch.equal(getattr(seen[name], field), getattr(own, field)), (name, field)
         assert (seen[name].n_seq, seen[name].n_tok) == (own.n_seq, own.n_tok)
+
+
+def test_variance_is_only_collected_when_asked(tiny_llama, monkeypatch):
+    """Wanda and SparseGPT never read the variance (DSnoT does): its per-sequence reduction is skipped for them."""
+    import compressx
+
+    calls = []
+    var = torch.Tensor.var
+    monkeypatch.setattr(torch.Tensor, "var", lambda self, *a, **k: calls.append(1) or var(self, *a, **k))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in ({"pass": "wanda", "config": {"sparsity": 0.5}}, {"pass": "sparsegpt", "config": {"sparsity": 0.5}}):
+        compressx.apply(tiny_llama, [step], data=tokens, progress=False)
+    assert not calls
+    stats = LinearStats(4, with_variance=False)
+    stats.add(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="without the variance"):
+        _ = stats.var
+    compressx.apply(tiny_llama, [{"pass": "dsnot", "config": {"sparsity": 0.5}}], data=tokens, progress=False)
+    assert calls

@@ -187,7 +187,7 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
             weight.copy_(new_weight)
 
     counts = prune_layer_by_layer(
-        model, ctx.calibration, ctx.targets, prune, with_hessian=True, batch_size=config.batch_size,
-        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        model, ctx.calibration, ctx.targets, prune, with_hessian=True, with_variance=False,
+        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

@@ -101,7 +101,7 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
             weight.masked_fill_(~keep.to(weight.device), 0.0)
 
     counts = prune_layer_by_layer(
-        model, ctx.calibration, ctx.targets, prune, batch_size=config.batch_size, device=config.device,
-        progress=ctx.progress, checkpoint=ctx.checkpoint,
+        model, ctx.calibration, ctx.targets, prune, with_variance=False, batch_size=config.batch_size,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     return PassResult(report=sparsity_report(counts))

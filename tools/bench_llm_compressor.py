@@ -13,8 +13,10 @@ llm-compressor (PyPI ``llmcompressor``) is never a dependency of compressx: it r
 by ``--llmc-python`` (or ``$LLMC_PYTHON``); without one, its column is skipped with a message. The compressx
 side runs with ``--cx-python`` (default: this interpreter), with this checkout on ``PYTHONPATH``.
 
-Run (one thread, ~25 min on one core for the default 3 repeats x 4 settings x 2 sides):
-    OMP_NUM_THREADS=1 python tools/bench_llm_compressor.py --llmc-python /work/venv-llmc/bin/python --repeats 3
+Run (one thread per run; at 16 calibration windows a run costs ~35 s of CPU for Wanda and ~75 s for SparseGPT,
+plus loading and evaluation; results and commands in docs/results/llm_pruning.md):
+    OMP_NUM_THREADS=1 python tools/bench_llm_compressor.py --llmc-python /work/venv-llmc/bin/python --same-torch \
+        --repeats 3 --calib-samples 16 --eval-samples 8 --jobs 3
 """
 
 from __future__ import annotations

@@ -106,10 +106,12 @@ class LinearStats:
     ``mean`` — per-channel mean over all tokens; ``var`` — the within-sequence population variance, averaged
     over sequences with token-count weights (the spread of per-sequence means is left out); ``sq_norm`` —
     ``||X_r||^2 / n_sequences`` (the Wanda norm, squared); ``hessian`` — ``2/n_tokens * X X^T`` when asked.
+    ``var`` only ``with_variance`` (DSnoT uses it; it is the costliest of the per-channel sums).
     """
 
     columns: int
     with_hessian: bool = False
+    with_variance: bool = True
     n_seq: int = 0
     n_tok: int = 0
     sum_x: torch.Tensor | None = None
@@ -117,23 +119,40 @@ class LinearStats:
     sum_var: torch.Tensor | None = None
     xxt: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``)."""
+    def terms(self, x: torch.Tensor) -> tuple:
+        """What a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``) adds to these statistics;
+        statistics of the same kind fed the very same tensor add the same terms (``add_terms``)."""
         x = x.detach().float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.detach().float()[None]
         seq_len = x.shape[1]
+        flat = x.reshape(-1, self.columns)
+        return (
+            x.shape[0],
+            x.shape[0] * seq_len,
+            x.sum(dim=(0, 1)).double(),
+            x.pow(2).sum(dim=(0, 1)).double(),
+            (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double() if self.with_variance else None,
+            (flat.T @ flat).double() if self.with_hessian else None,
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[batch, seq, columns]`` (or ``[seq, columns]``)."""
+        self.add_terms(self.terms(x))
+
+    def add_terms(self, terms: tuple) -> None:
+        n_seq, n_tok, sum_x, sum_x2, sum_var, xxt = terms
         if self.sum_x is None:
-            zeros = torch.zeros(self.columns, dtype=torch.float64, device=x.device)
+            zeros = torch.zeros(self.columns, dtype=torch.float64, device=sum_x.device)
             self.sum_x, self.sum_x2, self.sum_var = zeros.clone(), zeros.clone(), zeros.clone()
             if self.with_hessian:
-                self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=x.device)
-        self.n_seq += x.shape[0]
-        self.n_tok += x.shape[0] * seq_len
-        self.sum_x += x.sum(dim=(0, 1)).double()
-        self.sum_x2 += x.pow(2).sum(dim=(0, 1)).double()
-        self.sum_var += (x.var(dim=1, unbiased=False) * seq_len).sum(dim=0).double()
+                self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=sum_x.device)
+        self.n_seq += n_seq
+        self.n_tok += n_tok
+        self.sum_x += sum_x
+        self.sum_x2 += sum_x2
+        if self.with_variance:
+            self.sum_var += sum_var
         if self.with_hessian:
-            flat = x.reshape(-1, self.columns)
-            self.xxt += (flat.T @ flat).double()
+            self.xxt += xxt
 
     @property
     def mean(self) -> torch.Tensor:
@@ -141,6 +160,8 @@ class LinearStats:
 
     @property
     def var(self) -> torch.Tensor:
+        if not self.with_variance:
+            raise RuntimeError("these statistics were collected without the variance")
         return (self.sum_var / self.n_tok).float()
 
     @property
@@ -255,6 +276,8 @@ class LayerwiseCalibration:
         tokens: calibration token ids ``[samples, seq_len]``.
         targets: the Linear modules to prune (full names); each must sit inside a decoder layer.
         with_hessian: also accumulate ``X X^T`` (SparseGPT).
+        with_variance: also accumulate the within-sequence variance (DSnoT); a pass that does not read
+            ``LinearStats.var`` saves its cost.
         batch_size: sequences per forward of a decoder layer.
         device: where each decoder layer runs (default: where the model is); only that layer is moved there.
             A model dispatched by accelerate with offloaded weights (``device_map`` with ``cpu``/``disk``,
@@ -274,6 +297,7 @@ class LayerwiseCalibration:
         targets: dict[str, nn.Module],
         *,
         with_hessian: bool = False,
+        with_variance: bool = True,
         batch_size: int = 1,
         device: str | torch.device | None = None,
         progress: bool = True,
@@ -287,7 +311,8 @@ class LayerwiseCalibration:
                 f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
             )
         self.model, self.tokens, self.targets = model, tokens, targets
-        self.with_hessian, self.batch_size, self.progress = with_hessian, batch_size, progress
+        self.with_hessian, self.with_variance = with_hessian, with_variance
+        self.batch_size, self.progress = batch_size, progress
         self.checkpoint = checkpoint
         self.home = execution_device(model)
         self.device = torch.device(device) if device is not None else self.home
@@ -296,13 +321,27 @@ class LayerwiseCalibration:
 
     @torch.no_grad()
     def _collect(self, layer: nn.Module, linears: dict[str, nn.Module], hiddens: list, kwargs_list: list) -> dict:
-        stats = {name: LinearStats(weight_matrix(m).shape[1], self.with_hessian) for name, m in linears.items()}
+        stats = {
+            name: LinearStats(weight_matrix(m).shape[1], self.with_hessian, self.with_variance)
+            for name, m in linears.items()
+        }
+        # Linears fed the very same tensor (q/k/v, gate/up) share its batch terms: computed once, added to each
+        # (same values, so the same statistics); the reference is dropped after each forward
+        last: list = [None, None]
+
+        def record(s: LinearStats, x: torch.Tensor) -> None:
+            if x is not last[0]:
+                last[:] = [x, s.terms(x)]
+            s.add_terms(last[1])
+
         hooks = [
-            m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in linears.items()
+            m.register_forward_hook(lambda mod, inp, out, s=stats[name]: record(s, inp[0]))
+            for name, m in linears.items()
         ]
         try:
             for hidden, kwargs in zip(hiddens, kwargs_list):
                 layer(hidden, **kwargs)
+                last[:] = [None, None]
         finally:
             for hook in hooks:
                 hook.remove()

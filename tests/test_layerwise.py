@@ -191,3 +191,52 @@ def test_passes_over_the_iterator_equal_a_whole_model_reference_bit_for_bit(step
         assert torch.equal(expected, got), name
         changed += int((got == 0).sum())
     assert changed > 0  # the pruning did happen
+
+
+def test_linears_fed_the_same_tensor_share_its_statistics_computed_once(tiny_llama, monkeypatch):
+    """q/k/v (and gate/up) get the very same input tensor: its batch terms are computed once per forward, and each
+    Linear's statistics are exactly those computed from its own inputs."""
+    computed = []
+    terms = LinearStats.terms
+
+    def counting_terms(self, x):
+        computed.append(self.columns)
+        return terms(self, x)
+
+    monkeypatch.setattr(LinearStats, "terms", counting_terms)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    targets = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n}
+    k_inputs, seen = [], {}
+    handle = tiny_llama.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda m, i, o: k_inputs.append(i[0].clone())
+    )
+    for layer in calibrate_layers(tiny_llama, tokens, targets, with_hessian=True, batch_size=2, progress=False):
+        seen.update(layer.stats)
+    handle.remove()
+    assert len(computed) == 2 * 4  # 2 batches x (q/k/v, o_proj, gate/up, down_proj)
+    own = LinearStats(32, with_hessian=True)
+    for x in k_inputs[:2]:  # the calibration forwards (the next two are the layer's output forwards)
+        own.add(x)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        for field in ("sum_x", "sum_x2", "sum_var", "xxt"):
+            assert torch.equal(getattr(seen[name], field), getattr(own, field)), (name, field)
+        assert (seen[name].n_seq, seen[name].n_tok) == (own.n_seq, own.n_tok)
+
+
+def test_variance_is_only_collected_when_asked(tiny_llama, monkeypatch):
+    """Wanda and SparseGPT never read the variance (DSnoT does): its per-sequence reduction is skipped for them."""
+    import compressx
+
+    calls = []
+    var = torch.Tensor.var
+    monkeypatch.setattr(torch.Tensor, "var", lambda self, *a, **k: calls.append(1) or var(self, *a, **k))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in ({"pass": "wanda", "config": {"sparsity": 0.5}}, {"pass": "sparsegpt", "config": {"sparsity": 0.5}}):
+        compressx.apply(tiny_llama, [step], data=tokens, progress=False)
+    assert not calls
+    stats = LinearStats(4, with_variance=False)
+    stats.add(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="without the variance"):
+        _ = stats.var
+    compressx.apply(tiny_llama, [{"pass": "dsnot", "config": {"sparsity": 0.5}}], data=tokens, progress=False)
+    assert calls

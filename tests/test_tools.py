@@ -113,3 +113,20 @@ def test_isvit_benchmark_runs_small_and_resumes(tmp_path, zoo_cache):
     assert "| `isvit` after stage1 |" in first.stdout
     second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert second.returncode == 0 and '"method"' not in second.stdout  # every run was already recorded
+
+
+def test_bench_llm_compressor_method_names_map_to_valid_compressx_steps():
+    spec = importlib.util.spec_from_file_location("bench_llm_compressor", ROOT / "tools" / "bench_llm_compressor.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from compressx.registry import get_pass
+
+    assert tool.compressx_step("dense", 0.5, None, 8) is None
+    assert tool.compressx_step("dsnot0-sparsegpt", 0.6, None, 8) == {
+        "pass": "dsnot", "config": {"sparsity": 0.6, "init": "sparsegpt", "batch_size": 8, "max_cycles": 0},
+    }  # fmt: skip
+    assert tool.compressx_step("magnitude", 0.5, (2, 4), 8)["config"] == {"pattern": "2:4"}
+    for method in ("magnitude", "wanda", "sparsegpt", "dsnot-wanda", "dsnot-sparsegpt", "dsnot0-sparsegpt"):
+        for sparsity, nm in tool.PATTERNS.values():
+            step = tool.compressx_step(method, sparsity, nm, 8)
+            get_pass(step["pass"]).config(**step["config"])  # a valid config, else ConfigError

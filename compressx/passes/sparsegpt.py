@@ -115,8 +115,8 @@ def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
 def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext) -> PassResult:
     """Prune and update the target Linears layer by layer with SparseGPT; report the sparsity reached."""
     calibration = calibrate_layers(
-        model, ctx.calibration, ctx.targets, with_hessian=True, batch_size=config.batch_size, device=config.device,
-        progress=ctx.progress, checkpoint=ctx.checkpoint,
+        model, ctx.calibration, ctx.targets, with_hessian=True, with_variance=False,
+        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:

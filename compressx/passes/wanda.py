@@ -97,8 +97,8 @@ def _prune_layer(layer: CalibratedLayer, config: WandaConfig) -> None:
 def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> PassResult:
     """Prune the target Linears layer by layer with Wanda scores; report the sparsity reached."""
     calibration = calibrate_layers(
-        model, ctx.calibration, ctx.targets, batch_size=config.batch_size, device=config.device,
-        progress=ctx.progress, checkpoint=ctx.checkpoint,
+        model, ctx.calibration, ctx.targets, with_variance=False, batch_size=config.batch_size,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:

@@ -30,11 +30,8 @@ from compressx.zoo import (
     smollm2,
     vit_digits,
 )
-from compressx.zoo.cache import (  # noqa: F401 (the cache's names, as compressx.zoo has always offered them)
-    HASHES,
+from compressx.zoo.cache import (  # noqa: F401 (cache_dir, cache_root: as compressx.zoo has always offered them)
     ZooMember,
-    _build,
-    _cache_problem,
     _member,
     cache_dir,
     cache_root,

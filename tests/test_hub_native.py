@@ -42,6 +42,7 @@ else:
 import numpy as np, timm, torch, transformers, diffusers
 from safetensors.torch import save_file
 root, out = sys.argv[1], {}
+torch.set_num_threads(1)  # as the test process: bit-equal outputs need the same summation order
 torch.manual_seed(0)
 lm = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/lm")
 tok = transformers.AutoTokenizer.from_pretrained(f"{root}/lm")

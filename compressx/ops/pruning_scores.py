@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from compressx.ops.sparsity import pruned_count
+
+log = logging.getLogger(__name__)
 
 
 def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -20,22 +24,46 @@ def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * sq_norm.float().sqrt()[None, :]
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped ``H^-1``; zeroes the weight columns of dead inputs in ``weight``."""
-    hessian = hessian.clone().double()
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor ``U`` of the damped ``H^-1``, and the dead inputs (``diag H = 0``,
+    set to ``H_rr = 1``), whose weight columns the caller zeroes.
+
+    Computed in float32, as the reference code does. Where float32 rounding leaves the damped Hessian (or its
+    inverse) not positive definite — the reference code stops there with an error — the factorisation is redone
+    in float64 and that is logged.
+    """
+    hessian = hessian.detach().float().clone()
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
-    damp = percdamp * torch.mean(torch.diag(hessian))
-    hessian += damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    return torch.linalg.cholesky(inverse, upper=True).float()
+    hessian.diagonal().add_(percdamp * torch.mean(torch.diag(hessian)))
+    upper = _upper_inverse_factor(hessian)
+    if upper is None:
+        log.warning(
+            "SparseGPT: the damped %d x %d Hessian is not positive definite in float32; factorised in float64 "
+            "(a larger percdamp avoids this)", *hessian.shape,
+        )  # fmt: skip
+        upper = _upper_inverse_factor(hessian.double())
+        if upper is None:
+            raise ValueError(
+                f"SparseGPT: the damped {hessian.shape[0]} x {hessian.shape[0]} Hessian is not positive definite "
+                f"even in float64 (percdamp {percdamp}); raise percdamp"
+            )
+    return upper.float(), dead
+
+
+def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
+    """``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, or None where a factorisation fails."""
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if info.item() != 0 or not torch.isfinite(lower).all():
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    return upper if info.item() == 0 and torch.isfinite(upper).all() else None
 
 
 def sparsegpt_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT's saliency ``W^2 / diag(U)^2`` of the dense weights (used by DSnoT to rank within N:M groups)."""
-    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
-    u = inverse_hessian_factor(hessian, w, percdamp)
+    u, dead = inverse_hessian_factor(hessian, percdamp)
+    w = weight.detach().float().masked_fill(dead[None, :], 0.0)
     return w.pow(2) / torch.diag(u).pow(2)[None, :]
 
 
@@ -56,11 +84,17 @@ def sparsegpt_prune(
     scope: str = "block",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune ``weight`` ``[rows, cols]`` with SparseGPT; returns ``(new_weight, keep_mask)`` (input not modified)."""
+    """Prune ``weight`` ``[rows, cols]`` with SparseGPT; returns ``(new_weight, keep_mask)`` (input not modified).
+
+    ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (Linears fed the
+    same inputs share their Hessian, so one factorisation serves them all).
+    """
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # a Conv1D view is transposed
     rows, cols = w.shape
-    u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
+    u, dead = factor if factor is not None else inverse_hessian_factor(hessian.to(w.device), percdamp)
+    w[:, dead] = 0.0
     pruned = torch.zeros_like(w, dtype=torch.bool)
     row_counts = _block_prune_counts(cols, blocksize, sparsity) if scope == "row" else None
     for block, start in enumerate(range(0, cols, blocksize)):

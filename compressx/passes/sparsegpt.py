@@ -13,9 +13,11 @@ reconstruction loss ``H = 2 X X^T`` (accumulated over the calibration tokens):
 3. column by column, pruned entries are zeroed and their error is spread onto the columns not yet processed
    (the OBS update), with lazy batched updates between blocks.
 
-Unlike Wanda, the surviving weights change. Differences from the reference code, on purpose: the per-block
-count is ``floor(sparsity * numel)`` (the reference prunes every score at or below that quantile, one more);
-per-row scope is an addition.
+Unlike Wanda, the surviving weights change. The inverse-Hessian factor is computed in float32, as in the reference
+code; Linears fed the same inputs (q/k/v, gate/up) share one factorisation. Differences from the reference code,
+on purpose: the per-block count is ``floor(sparsity * numel)`` (the reference prunes every score at or below that
+quantile, one more); per-row scope is an addition; a Hessian that float32 rounding leaves not positive definite
+is factorised in float64 (logged) where the reference code stops with an error.
 
 Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
 Linear) inside the decoder layers, in place; irreversible. Fused MoE expert parameters are refused (prune them with
@@ -40,7 +42,7 @@ from compressx.layerwise import (
     layerwise_nm_problems,
     layerwise_problems,
 )
-from compressx.ops.pruning_scores import sparsegpt_prune
+from compressx.ops.pruning_scores import inverse_hessian_factor, sparsegpt_prune
 from compressx.ops.sparsity import resolve_pattern, sparsity_report
 from compressx.registry import PassContext, PassResult, register_pass
 from compressx.targets import weight_matrix
@@ -91,11 +93,18 @@ class SparsegptConfig(PassConfig):
 def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
     """Prune and update one decoder layer's Linears. A function of its own so that nothing it made (updated
     weights, onloaded weight views) stays alive while the next layer is calibrated."""
+    # Linears fed the same inputs (q/k/v, gate/up) have equal Hessians: factorise each distinct one once
+    factors: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
     for name, linear in layer.linears.items():
         weight = weight_matrix(linear)
+        hessian = layer.stats[name].hessian.to(weight.device)
+        factor = next((f for h, f in factors if torch.equal(h, hessian)), None)
+        if factor is None:
+            factor = inverse_hessian_factor(hessian, config.percdamp)
+            factors.append((hessian, factor))
         new_weight, _ = sparsegpt_prune(
-            weight, layer.stats[name].hessian, config.sparsity, config.nm,
-            scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
+            weight, hessian, config.sparsity, config.nm,
+            scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp, factor=factor,
         )  # fmt: skip
         weight.copy_(new_weight)
 

@@ -130,3 +130,57 @@ def test_bench_llm_compressor_method_names_map_to_valid_compressx_steps():
         for sparsity, nm in tool.PATTERNS.values():
             step = tool.compressx_step(method, sparsity, nm, 8)
             get_pass(step["pass"]).config(**step["config"])  # a valid config, else ConfigError
+
+
+def _bench_llm_table():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_llm_table", ROOT / "tools" / "bench_llm_table.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return tool
+
+
+def test_bench_llm_table_plans_seed_free_methods_once_and_resumes_from_its_results(tmp_path):
+    tool = _bench_llm_table()
+    tasks = tool.plan([0, 1], ["50%", "2:4"], ["dense", "magnitude", "wanda", "dsnot0-sparsegpt"])
+    assert sorted(tasks) == sorted([
+        (0, "dense", "50%"), (0, "magnitude", "50%"), (0, "magnitude", "2:4"),
+        (0, "wanda", "50%"), (0, "wanda", "2:4"), (1, "wanda", "50%"), (1, "wanda", "2:4"),
+        (0, "dsnot0-sparsegpt", "50%"), (1, "dsnot0-sparsegpt", "50%"),
+    ])  # fmt: skip
+    results = tmp_path / "runs.jsonl"
+    other = {"seed": 2, "method": "wanda", "pattern": "50%"}  # not a task of this table: ignored
+    results.write_text(json.dumps({"seed": 1, "method": "wanda", "pattern": "2:4"}) + "\n" + json.dumps(other) + "\n")
+    done, todo = tool.split_done(tasks, results)
+    assert done == [{"seed": 1, "method": "wanda", "pattern": "2:4"}]
+    assert len(todo) == len(tasks) - 1 and (1, "wanda", "2:4") not in todo
+
+
+def test_bench_llm_table_compares_dsnot_with_its_own_start_seed_by_seed():
+    tool = _bench_llm_table()
+
+    def run(seed, method, pattern, prose, cpu=10.0):
+        r = {"seed": seed, "method": method, "pattern": pattern, "cpu_s": cpu, "peak_rss_mib": 1.0}
+        r["ppl"] = {"prose": prose, "source": prose}
+        return r | ({"refined_lower": 1, "refined": 2, "expected_error_reduction": 0.5} if "dsnot-" in method else {})
+
+    results = [
+        run(0, "magnitude", "50%", 900.0, cpu=5.0),
+        run(0, "wanda", "50%", 40.0, cpu=10.0), run(1, "wanda", "50%", 44.0, cpu=30.0),
+        run(0, "dsnot0-sparsegpt", "50%", 30.0), run(1, "dsnot0-sparsegpt", "50%", 31.0),
+        run(0, "sparsegpt", "50%", 20.0), run(1, "sparsegpt", "50%", 21.0),  # not DSnoT's unstructured start
+        run(0, "dsnot-sparsegpt", "50%", 27.0), run(1, "dsnot-sparsegpt", "50%", 34.1),
+        run(0, "sparsegpt", "2:4", 50.0), run(0, "wanda", "2:4", 60.0), run(0, "dsnot-sparsegpt", "2:4", 45.0),
+    ]  # fmt: skip
+    lines = tool.table_lines(results, [0, 1], ["50%", "2:4"], ["magnitude", "wanda", "sparsegpt", "dsnot-sparsegpt"])
+    magnitude = next(line for line in lines if line.startswith("| magnitude"))
+    assert "900.00 / 900.00 / 0.25x" in magnitude  # its one run against Wanda's mean CPU time (20 s)
+    paired = [line for line in lines if line.startswith("| dsnot (sparsegpt start) | ") and "| prose |" in line]
+    # 50%: against the 0-cycle start (27/30 - 1 = -10%, 34.1/31 - 1 = +10%); 2:4: against SparseGPT (-10%)
+    assert paired == [
+        "| dsnot (sparsegpt start) | 50% | prose | DSnoT's SparseGPT start, 0 cycles (per-row counts) | +0.0% | 1/2 |",
+        "| dsnot (sparsegpt start) | 2:4 | prose | sparsegpt | -10.0% | 1/1 |",
+    ]

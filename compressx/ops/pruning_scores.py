@@ -14,7 +14,8 @@ import logging
 
 import torch
 
-from compressx.ops.sparsity import pruned_count
+from compressx.errors import CompressxError
+from compressx.ops.sparsity import lowest_mask, pruned_count
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
         )  # fmt: skip
         upper = _upper_inverse_factor(hessian.double())
         if upper is None:
-            raise ValueError(
+            raise CompressxError(
                 f"SparseGPT: the damped {hessian.shape[0]} x {hessian.shape[0]} Hessian is not positive definite "
                 f"even in float64 (percdamp {percdamp}); raise percdamp"
             )
@@ -53,11 +54,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
 
 def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
     """``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, or None where a factorisation fails."""
-    lower, info = torch.linalg.cholesky_ex(hessian)
-    if info.item() != 0 or not torch.isfinite(lower).all():
+    lower, info = torch.linalg.cholesky_ex(hessian)  # finite inputs (checked by the caller) give finite factors
+    if info.item() != 0:
         return None
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    return upper if info.item() == 0 and torch.isfinite(upper).all() else None
+    return upper if info.item() == 0 else None
 
 
 def sparsegpt_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -105,25 +106,20 @@ def sparsegpt_prune(
         if nm is None:
             scores = w1.pow(2) / torch.diag(u1).pow(2)[None, :]
             if scope == "row":
-                drop = torch.sort(scores, dim=1, stable=True).indices[:, : row_counts[block]]
-                mask1.scatter_(1, drop, True)
+                mask1 = lowest_mask(scores, row_counts[block])
             else:
-                n_drop = pruned_count(sparsity, scores.numel())
-                drop = torch.sort(scores.flatten(), stable=True).indices[:n_drop]
-                mask1.view(-1)[drop] = True
+                count = pruned_count(sparsity, scores.numel())
+                mask1 = lowest_mask(scores.reshape(1, -1), count).reshape(scores.shape)
         for i in range(end - start):
             column = w1[:, i]
-            d = u1[i, i]
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
                 scores = w1[:, i : i + m].pow(2) / torch.diag(u1)[i : i + m].pow(2)[None, :]
-                drop = torch.sort(scores, dim=1, stable=True).indices[:, : m - n]
-                mask1.scatter_(1, i + drop, True)
-            q = column.clone()
-            q[mask1[:, i]] = 0.0
+                mask1[:, i : i + m] = lowest_mask(scores, m - n)
+            q = column.masked_fill(mask1[:, i], 0.0)
             q1[:, i] = q
-            e = (column - q) / d
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            e = (column - q) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # the OBS update, a rank-1 update in place
             err1[:, i] = e
         w[:, start:end] = q1
         pruned[:, start:end] = mask1

@@ -85,6 +85,20 @@ def resolve_pattern(sparsity: float | None, pattern: str) -> tuple[float, tuple[
     return implied, (n, m)
 
 
+def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` lowest entries of each row of ``scores`` ``[rows, n]``; ties take the lower
+    index first — the first ``count`` of a stable ascending sort, found by selection (``kthvalue``), not sorting."""
+    if count <= 0 or count >= scores.shape[1]:
+        return torch.full_like(scores, count > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
+    if torch.isnan(threshold).any():  # NaN sorts last; the comparisons below would not
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    below = scores < threshold
+    ties = scores == threshold
+    return below | (ties & (ties.cumsum(dim=1) <= count - below.sum(dim=1, keepdim=True)))
+
+
 def topk_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
     """Boolean keep-mask that drops the ``pruned_count(sparsity, count)`` lowest scores.
 
@@ -92,12 +106,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> 
     (each row of a Linear weight, each output channel of a Conv weight). Ties drop the lower index first.
     """
     flat = scores.reshape(1, -1) if dim is None else scores.reshape(scores.shape[0], -1)
-    n_drop = pruned_count(sparsity, flat.shape[1])
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if n_drop:
-        drop = torch.sort(flat, dim=1, stable=True).indices[:, :n_drop]
-        keep.scatter_(1, drop, False)
-    return keep.reshape(scores.shape)
+    return ~lowest_mask(flat, pruned_count(sparsity, flat.shape[1])).reshape(scores.shape)
 
 
 def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:

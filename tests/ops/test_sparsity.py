@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compressx.ops.sparsity import is_nm_sparse, nm_mask, parse_nm, sparsity_of, topk_mask
+from compressx.ops.sparsity import is_nm_sparse, lowest_mask, nm_mask, parse_nm, sparsity_of, topk_mask
 
 
 def test_parse_nm():
@@ -62,6 +62,25 @@ def test_topk_mask_ties_are_deterministic_and_exact():
     mask = topk_mask(scores, 0.5)
     assert int((~mask).sum()) == 8
     assert torch.equal(mask, topk_mask(scores.clone(), 0.5))
+
+
+def _first_of_stable_sort(scores, count):
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (16, 64), (7, 5)])
+def test_lowest_mask_is_the_head_of_a_stable_sort_ties_included(shape):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, shape, generator=gen).float()  # many ties: order among equals decides
+    scores[0, :3] = -0.0  # -0.0 == 0.0, as sorting sees it
+    for count in range(shape[1] + 1):
+        assert torch.equal(lowest_mask(scores, count), _first_of_stable_sort(scores, count)), count
+
+
+def test_lowest_mask_with_nan_sorts_nan_last():
+    scores = torch.tensor([[float("nan"), 1.0, float("nan"), 0.5]])
+    assert torch.equal(lowest_mask(scores, 3), torch.tensor([[True, True, False, True]]))
 
 
 def test_sparsity_of():

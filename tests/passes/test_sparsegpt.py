@@ -27,6 +27,34 @@ def test_config():
         SparsegptConfig(percdamp=1.5)
 
 
+def test_factor_is_float32_and_falls_back_to_float64_only_where_float32_fails(caplog):
+    from compressx.errors import CompressxError
+    from compressx.ops.pruning_scores import inverse_hessian_factor
+
+    x = correlated_inputs(c=16)
+    hessian = 2 * x.T @ x / len(x)
+    upper, dead = inverse_hessian_factor(hessian, 0.01)
+    damped = hessian.double() + 0.01 * hessian.diag().mean().double() * torch.eye(16, dtype=torch.float64)
+    assert upper.dtype == torch.float32 and not dead.any() and not caplog.records
+    assert torch.allclose(upper.double().T @ upper.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-5)
+    # low rank plus 1e-6 of the identity: float32 rounding fails to factorise some of these, float64 does not
+
+    def factorises(h):
+        lower, info = torch.linalg.cholesky_ex(h)
+        return info == 0 and torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)[1] == 0
+
+    gen = torch.Generator().manual_seed(0)
+    candidates = [torch.randn(32, 8, generator=gen, dtype=torch.float64) for _ in range(8)]
+    candidates = [(a @ a.T + 1e-6 * torch.eye(32, dtype=torch.float64)).float() for a in candidates]
+    hard = next(h for h in candidates if not factorises(h) and factorises(h.double()))
+    with caplog.at_level("WARNING", logger="compressx.ops.pruning_scores"):
+        upper, _ = inverse_hessian_factor(hard, 0.0)
+    assert upper.dtype == torch.float32 and torch.isfinite(upper).all() and "factorised in float64" in caplog.text
+    v = torch.linspace(1.0, 2.0, 16)
+    with pytest.raises(CompressxError, match="not positive definite even in float64 .*raise percdamp"):
+        inverse_hessian_factor(torch.outer(v, v).float(), 0.0)
+
+
 def test_identity_hessian_reduces_to_magnitude_without_update():
     """With H = I the OBS update has nothing to propagate: the mask is magnitude's and survivors keep values."""
     torch.manual_seed(0)

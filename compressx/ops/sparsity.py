@@ -90,8 +90,9 @@ def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     index first — the first ``count`` of a stable ascending sort, found by selection (``kthvalue``), not sorting."""
     if count <= 0 or count >= scores.shape[1]:
         return torch.full_like(scores, count > 0, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
-    if torch.isnan(threshold).any():  # NaN sorts last; the comparisons below would not
+    threshold = None if scores.shape[1] <= 16 else torch.kthvalue(scores, count, dim=1, keepdim=True).values
+    # short rows (N:M groups) sort faster than they select; NaN sorts last, which the comparisons below would not do
+    if threshold is None or torch.isnan(threshold).any():
         order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
     below = scores < threshold

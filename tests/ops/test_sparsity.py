@@ -69,7 +69,7 @@ def _first_of_stable_sort(scores, count):
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
 
 
-@pytest.mark.parametrize("shape", [(1, 2048), (16, 64), (7, 5)])
+@pytest.mark.parametrize("shape", [(1, 2048), (16, 64), (7, 5), (3, 17)])
 def test_lowest_mask_is_the_head_of_a_stable_sort_ties_included(shape):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, shape, generator=gen).float()  # many ties: order among equals decides
@@ -78,9 +78,13 @@ def test_lowest_mask_is_the_head_of_a_stable_sort_ties_included(shape):
         assert torch.equal(lowest_mask(scores, count), _first_of_stable_sort(scores, count)), count
 
 
-def test_lowest_mask_with_nan_sorts_nan_last():
-    scores = torch.tensor([[float("nan"), 1.0, float("nan"), 0.5]])
-    assert torch.equal(lowest_mask(scores, 3), torch.tensor([[True, True, False, True]]))
+@pytest.mark.parametrize("width", [4, 40])  # sorted, and selected by kthvalue
+def test_lowest_mask_with_nan_sorts_nan_last(width):
+    scores = torch.arange(width, dtype=torch.float32)[None].flip(1)
+    scores[0, 0] = scores[0, 2] = float("nan")
+    expected = torch.ones(1, width, dtype=torch.bool)
+    expected[0, 2] = False  # the count takes every number and the first NaN
+    assert torch.equal(lowest_mask(scores, width - 1), expected)
 
 
 def test_sparsity_of():

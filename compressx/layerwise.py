@@ -619,7 +619,7 @@ class LayerwiseCalibration:
                             self.checkpoint.save(index, weights, current.info, list(uncalibrated))
                         self.infos[index] = current.info or {}
                         self.uncalibrated += [prefix + key for key in uncalibrated]
-                    del stats, current, matrices, uncalibrated
+                    del stats, current, matrices, uncalibrated, parameters
                     release_freed_memory()  # the onloaded weights and the pruning's temporaries
                 with torch.no_grad():
                     hiddens = [_first(layer(hidden, **kwargs)) for hidden, kwargs in zip(hiddens, kwargs_list)]

@@ -65,7 +65,6 @@ from compressx.targets import (
     TransposedLinear,
     expert_key,
     weight_matrices,
-    weight_matrix,  # noqa: F401 (the ``[out, in]`` weight of a Linear, for passes and tests)
     weight_tensors,
 )
 

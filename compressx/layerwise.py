@@ -176,7 +176,8 @@ class LinearStats:
     ``mean`` — per-channel mean over all tokens; ``var`` — the within-sequence population variance, averaged
     over sequences with token-count weights (the spread of per-sequence means is left out); ``sq_norm`` —
     ``||X_r||^2 / n_sequences`` (the Wanda norm, squared); ``hessian`` — ``2/n_tokens * X X^T`` when asked.
-    ``var`` only ``with_variance`` (DSnoT uses it; it is the costliest of the per-channel sums).
+    ``var`` only ``with_variance`` (DSnoT uses it; it is the costliest of the per-channel sums). An expert slice of
+    fused experts gets only the rows routed to it (``routed_terms``): sequences count all the same, tokens do not.
     """
 
     columns: int

@@ -323,9 +323,10 @@ class LayerCheckpoints:
     def _name(self, layer: int) -> str:
         return f"step-{self.step:02d}-layer-{layer:04d}"
 
-    def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The saved pruned weights (names relative to the layer) and pass info of ``layer``, or None when the
-        run does not resume, the layer has no entry, or an earlier layer was computed afresh."""
+    def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]] | None:
+        """The saved pruned weights (names relative to the layer), pass info and uncalibrated expert slices of
+        ``layer``, or None when the run does not resume, the layer has no entry, or an earlier layer was computed
+        afresh."""
         if not (self.resume and self.restoring):
             return None
         if self._name(layer) not in self.store.entries(self._name(layer)):
@@ -338,8 +339,12 @@ class LayerCheckpoints:
                 "or step config than this run's step "
                 f"{self.step}; resume with the same recipe, or choose another checkpoint dir"
             )
-        return tensors, state.get("info") or {}
+        return tensors, state.get("info") or {}, list(state.get("uncalibrated") or [])
 
-    def save(self, layer: int, weights: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
+    def save(
+        self, layer: int, weights: dict[str, torch.Tensor], info: dict[str, Any] | None, uncalibrated: list[str] = ()
+    ) -> None:
         state = {"kind": "layer", "step": self.step, "layer": layer, "digest": self.digest, "info": info or {}}
+        if uncalibrated:  # expert slices no calibration token reached (``compressx.layerwise``), for the report
+            state["uncalibrated"] = list(uncalibrated)
         self.store.write(self._name(layer), weights, state)

@@ -26,7 +26,7 @@ from compressx.checkpoint import CheckpointDir, LayerCheckpoints, tensor_digest
 from compressx.config import PassConfig
 from compressx.errors import CompressxError, ConfigError, DataError, RecipeError, TargetError, unknown_key_message
 from compressx.registry import PassContext, PassSpec, get_pass, summarize_report
-from compressx.targets import select_step_targets, unsupported_problems
+from compressx.targets import select_step_targets, unsupported_problems, weight_tensors
 
 log = logging.getLogger(__name__)
 
@@ -298,13 +298,15 @@ def apply(
         problem = check_calibration(model, data)
         if problem:
             raise DataError(f"data: {problem}")
-    # Dense values for steps that refine what an earlier step pruned: copied before anything changes.
+    # Dense values for steps that refine what an earlier step pruned: copied before anything changes (by
+    # ``weight_tensors``' names: a module's name for its weight, ``name.param`` for fused experts' 3-D parameters).
     originals = {
         i: {
-            name: module.weight.detach().to("cpu", copy=True)
+            key: weight.detach().to("cpu", copy=True)
             for name, module in select_step_targets(
                 model, step.targets or None, step.ignore, spec.target_types, f"steps[{i}]", spec.default_targets
             ).items()
+            for key, weight in weight_tensors(name, module).items()
         }
         for i, (step, spec) in enumerate(parsed)
         if "original_weights" in needs[i]

@@ -36,16 +36,16 @@ def onloaded(modules: Iterable[nn.Module], device: torch.device) -> Iterator[Non
         yield
 
 
-def _offload_owner(layer: nn.Module, relative_name: str) -> tuple[nn.Module, str] | None:
+def _offload_owner(layer: nn.Module, relative_name: str, param: str = "weight") -> tuple[nn.Module, str] | None:
     """The nearest module (the Linear itself, or a module containing it inside ``layer``) whose parameters
-    accelerate offloads, and the weight's name relative to it."""
+    accelerate offloads, and the name of its parameter ``param`` relative to it."""
     from accelerate.utils import has_offloaded_params
 
     parts = relative_name.split(".")
     for depth in range(len(parts), -1, -1):
         owner = layer.get_submodule(".".join(parts[:depth])) if depth else layer
         if has_offloaded_params(owner):
-            return owner, ".".join([*parts[depth:], "weight"])
+            return owner, ".".join([*parts[depth:], param])
     return None
 
 
@@ -70,9 +70,9 @@ def _store_offloaded(owner: nn.Module, param_name: str, value: torch.Tensor) -> 
         dataset[key] = value
 
 
-def write_back(layer: nn.Module, relative_name: str, weight: torch.Tensor) -> None:
-    """Store the changed ``weight`` of the Linear ``relative_name`` (inside ``layer``) where accelerate onloads it
-    from; a no-op for a Linear that is not offloaded."""
-    owner = _offload_owner(layer, relative_name)
+def write_back(layer: nn.Module, relative_name: str, weight: torch.Tensor, param: str = "weight") -> None:
+    """Store the changed ``weight`` (parameter ``param``, e.g. fused experts' whole ``gate_up_proj``) of the module
+    ``relative_name`` (inside ``layer``) where accelerate onloads it from; a no-op for one that is not offloaded."""
+    owner = _offload_owner(layer, relative_name, param)
     if owner is not None:
         _store_offloaded(*owner, weight)

@@ -155,15 +155,25 @@ def weight_matrices(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     a Linear (a Conv's as it is), the transpose of a ``Conv1D``'s, one slice per expert of fused experts
     (``name.param[e]``)."""
     if isinstance(module, FusedExperts):
-        transposed = bool(getattr(module, "is_transposed", False))
-        return {
-            f"{key}[{e}]": tensor[e].t() if transposed else tensor[e]
-            for key, tensor in weight_tensors(name, module).items()
-            for e in range(tensor.shape[0])
-        }
+        return expert_matrices(weight_tensors(name, module), bool(getattr(module, "is_transposed", False)))
     if isinstance(module, TransposedLinear):
         return {name: module.weight.t()}
     return {name: module.weight}
+
+
+def expert_key(tensor_key: str, expert: int) -> str:
+    """The name of expert ``expert``'s slice of the 3-D expert parameter named ``tensor_key`` (``name.param[e]``)."""
+    return f"{tensor_key}[{expert}]"
+
+
+def expert_matrices(tensors: dict[str, torch.Tensor], transposed: bool) -> dict[str, torch.Tensor]:
+    """``[out, in]`` views of every expert's slice of 3-D expert parameters ``{name.param: tensor}`` (stored
+    ``[experts, out, in]``, or ``[experts, in, out]`` when ``transposed``), by ``expert_key``."""
+    return {
+        expert_key(key, e): tensor[e].t() if transposed else tensor[e]
+        for key, tensor in tensors.items()
+        for e in range(tensor.shape[0])
+    }
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -332,7 +342,11 @@ def unsupported_problems(
                 f"module(s) ({', '.join(params[:4])}{', ...' if len(params) > 4 else ''}); add them to ignore "
                 + (f"(e.g. 're:.*\\.{names[0].rsplit('.', 1)[-1]}') " if names else "")
                 + "to leave them dense"
-                + ("; magnitude prunes fused experts per expert" if "fused expert parameters" in kinds else "")
+                + (
+                    "; magnitude, wanda, sparsegpt and dsnot prune fused experts per expert"
+                    if "fused expert parameters" in kinds
+                    else ""
+                )
             )
     owners: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):

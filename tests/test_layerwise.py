@@ -240,3 +240,205 @@ def test_variance_is_only_collected_when_asked(tiny_llama, monkeypatch):
         _ = stats.var
     compressx.apply(tiny_llama, [{"pass": "dsnot", "config": {"sparsity": 0.5}}], data=tokens, progress=False)
     assert calls
+
+
+# ---- fused MoE experts: statistics of the tokens routed to each expert ------------------------------------------
+
+
+def _moe_targets(model):
+    from compressx.layerwise import LAYERWISE_TYPES
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LAYERWISE_TYPES) and ".layers." in n}
+
+
+def _routed_inputs(model, tokens, layer=0):
+    """By hand: the inputs of layer ``layer``'s experts on the dense model, the router run on them, and for every
+    expert ``(token indices, gate_up_proj input rows, down_proj input rows)``."""
+    moe = model.model.layers[layer].mlp
+    seen = []
+    hook = moe.experts.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=tokens, use_cache=False)
+    hook.remove()
+    hidden = seen[0]
+    with torch.no_grad():
+        _, _, index = moe.gate(hidden)
+        routed = {}
+        for e in range(4):
+            token = torch.where(index == e)[0]
+            x = hidden[token]
+            gate, up = (x @ moe.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            routed[e] = (token, x, moe.experts.act_fn(gate) * up)
+    return hidden, routed
+
+
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
+    from test_llm_architectures import make_moe
+
+    model = make_moe("mixtral")
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    hidden, routed = _routed_inputs(model, tokens)
+    for layer in calibrate_layers(model, tokens, _moe_targets(model), with_hessian=True, batch_size=2, progress=False):
+        stats = layer.stats
+        break
+    for e, (token, x, intermediate) in routed.items():
+        for param, inputs in (("gate_up_proj", x), ("down_proj", intermediate)):
+            s = stats[f"mlp.experts.{param}[{e}]"]
+            assert s.n_tok == len(token) and 0 < len(token) < len(hidden)
+            assert torch.allclose(s.sq_norm, inputs.pow(2).sum(0) / 4, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(s.hessian, 2 * inputs.T @ inputs / len(token), rtol=1e-4, atol=1e-6)
+            assert torch.allclose(s.mean, inputs.mean(0), rtol=1e-4, atol=1e-6)
+            # the within-sequence variance over each sequence's routed tokens (sequences of 16 tokens)
+            sequence = token // 16
+            within = sum(
+                inputs[sequence == b].var(0, unbiased=False) * int((sequence == b).sum())
+                for b in range(4)
+                if (sequence == b).any()
+            )
+            assert torch.allclose(s.var, within / len(token), rtol=1e-4, atol=1e-6)
+        # not the statistics of every token: the test fails if the experts saw all of them
+        assert not torch.allclose(stats[f"mlp.experts.gate_up_proj[{e}]"].sq_norm, hidden.pow(2).sum(0) / 4, rtol=0.05)
+    # the attention's Linears keep their all-token statistics
+    assert stats["self_attn.q_proj"].n_tok == 64
+
+
+def test_wanda_prunes_each_expert_with_its_routed_norms():
+    from test_llm_architectures import make_moe
+
+    import compressx
+    from compressx.passes.wanda import wanda_mask
+
+    model = make_moe("mixtral")
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    _, routed = _routed_inputs(model, tokens)
+    dense = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    dense_down = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    compressx.apply(model, [{"pass": "wanda", "config": {"sparsity": 0.5}}], tokens, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    for e, (_, x, intermediate) in routed.items():
+        for got, weight, inputs in ((experts.gate_up_proj[e], dense[e], x), (experts.down_proj[e], dense_down[e],
+                                                                              intermediate)):  # fmt: skip
+            keep = wanda_mask(weight, inputs.pow(2).sum(0) / 4, 0.5, None)
+            assert torch.equal(got, weight * keep), e
+            all_tokens = wanda_mask(weight, torch.ones(weight.shape[1]), 0.5, None)
+            assert not torch.equal(keep, all_tokens)  # the routed norms do matter
+
+
+def _never_route_to_expert_3(model):
+    """A router that never chooses expert 3 (its logit set to -inf before the top-k)."""
+
+    def exclude(module, args, output):
+        logits = output[0].clone()
+        logits[:, 3] = float("-inf")
+        top, index = torch.topk(logits.float().softmax(dim=-1), module.top_k, dim=-1)
+        return output[0], top / top.sum(dim=-1, keepdim=True), index
+
+    return [layer.mlp.gate.register_forward_hook(exclude) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("step", [
+    {"pass": "wanda", "config": {"sparsity": 0.5}},
+    {"pass": "sparsegpt", "config": {"sparsity": 0.5}},
+    {"pass": "dsnot", "config": {"pattern": "2:4", "refine_mlp": True}},
+], ids=["wanda", "sparsegpt", "dsnot-2:4"])  # fmt: skip
+def test_an_expert_no_token_reaches_is_pruned_by_magnitude_not_zeroed(step):
+    from test_llm_architectures import make_moe
+
+    import compressx
+    from compressx.ops.sparsity import nm_mask, topk_mask
+
+    model = make_moe("mixtral")
+    _never_route_to_expert_3(model)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = compressx.apply(model, [step], tokens, progress=False).steps[0].report
+    names = [f"model.layers.{i}.mlp.experts.{p}[3]" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    assert report["uncalibrated_experts"] == names
+    for name in names:
+        param, e = name[: -len("[3]")], 3
+        weight, original = model.get_parameter(param)[e], dense[param][e]
+        scores = original.abs()
+        keep = nm_mask(scores, 2, 4) if "pattern" in step["config"] else topk_mask(scores, 0.5, dim=1)
+        assert torch.equal(weight, original * keep), name  # magnitude per row / per N:M block, values unchanged
+        assert report["per_module"][name] == 0.5
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_experts_whose_output_is_not_the_recomputed_mixture_are_one_clear_error():
+    from test_llm_architectures import make_moe
+
+    import compressx
+
+    model = make_moe("mixtral")
+    model.model.layers[0].mlp.experts.register_forward_hook(lambda module, args, output: output * 2)
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CompressxError, match="MixtralExperts.*cannot calibrate that experts layout.*magnitude"):
+        compressx.apply(model, [{"pass": "wanda", "config": {"sparsity": 0.5}}], tokens, progress=False)
+
+
+def test_an_unknown_experts_layout_is_refused_before_any_work():
+    import transformers
+
+    import compressx
+    from compressx.errors import RecipeError
+
+    config = transformers.GptOssConfig(vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        RecipeError, match="GptOssExperts.*cannot calibrate this experts layout: prune it with magnitude"
+    ):
+        compressx.apply(model, [{"pass": "sparsegpt", "config": {"sparsity": 0.5}}], tokens, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_moe_resume_and_disk_offload_give_the_in_memory_experts(tmp_path):
+    """Fused expert parameters are saved and restored whole by the layer checkpoints (the uncalibrated experts'
+    names too), and written back to accelerate's offload storage."""
+    from accelerate import disk_offload
+    from test_checkpoint import Crash, _store
+    from test_llm_architectures import make_moe
+
+    import compressx
+
+    steps = [{"pass": "sparsegpt", "config": {"sparsity": 0.5, "batch_size": 2}}]
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(store=None, resume=False, crash=False, offload=False):
+        model = make_moe("mixtral")
+        _never_route_to_expert_3(model)
+        if offload:
+            model = disk_offload(model, str(tmp_path / "off"), execution_device=torch.device("cpu"))
+        hook = None
+        if crash:
+            hook = model.model.layers[1].register_forward_pre_hook(
+                lambda module, args: (_ for _ in ()).throw(Crash(1))
+            )
+        try:
+            result = compressx.apply(model, steps, tokens, progress=False, checkpoint=store, resume=resume)
+        finally:
+            if hook is not None:
+                hook.remove()
+        experts = {}
+        for i, layer in enumerate(model.model.layers):
+            from accelerate.utils import align_module_device
+
+            with align_module_device(layer.mlp.experts, torch.device("cpu")):
+                experts[i] = [
+                    p.detach().clone() for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
+                ]
+        return experts, result.steps[0].report
+
+    expected, report = run()
+    with pytest.raises(Crash):
+        run(_store(tmp_path / "ckpt", False), crash=True)
+    resumed, resumed_report = run(_store(tmp_path / "ckpt", True), resume=True)
+    offloaded, offloaded_report = run(offload=True)
+    for got in (resumed, offloaded):
+        assert all(torch.equal(a, b) for i in expected for a, b in zip(expected[i], got[i]))
+    assert resumed_report == report == offloaded_report
+    assert len(report["uncalibrated_experts"]) == 4

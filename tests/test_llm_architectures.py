@@ -111,3 +111,105 @@ def test_layerwise_passes_find_the_decoder_layers_of_any_decoder(arch, pass_name
     assert changed == {f"{name}.weight" for name in targets}
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=tokens).logits).all()
+
+
+# ---- mixture of experts: every expert pruned with the tokens routed to it, the router untouched -----------------
+
+
+def make_moe(arch, seed=0):
+    """Tiny Mixtral / Qwen2-MoE (hidden 32, 2 layers, 4 experts, top-2); fused experts drawn from N(0, 0.05) (their
+    init leaves them at zero variance in some transformers versions)."""
+    from compressx.targets import FusedExperts
+
+    base = {**TINY, "num_key_value_heads": 2}
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(**base, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+        model_cls = transformers.MixtralForCausalLM
+    else:
+        config = transformers.Qwen2MoeConfig(**base, intermediate_size=32, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                             decoder_sparse_step=1)  # fmt: skip
+        model_cls = transformers.Qwen2MoeForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FusedExperts):
+                for param in module.parameters(recurse=False):
+                    param.normal_(0, 0.05)
+    return model
+
+
+def expert_slices(model):
+    """``{report key: [out, in] expert slice}`` of every fused experts module (``weight_matrices``' naming)."""
+    from compressx.targets import FusedExperts, weight_matrices
+
+    return {
+        key: w for name, m in model.named_modules() if isinstance(m, FusedExperts)
+        for key, w in weight_matrices(name, m).items()
+    }  # fmt: skip
+
+
+MOE_STEPS = {
+    "wanda": {"pass": "wanda", "config": {"sparsity": 0.5}},
+    "sparsegpt": {"pass": "sparsegpt", "config": {"sparsity": 0.5}},
+    "dsnot": {"pass": "dsnot", "config": {"sparsity": 0.5, "refine_mlp": True}},
+    "wanda-2:4": {"pass": "wanda", "config": {"pattern": "2:4"}},
+}
+
+
+@pytest.mark.parametrize("key", list(MOE_STEPS))
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_layerwise_passes_prune_every_expert_and_leave_the_router_dense(arch, key):
+    from compressx.targets import FusedExperts
+
+    model = make_moe(arch)
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = compressx.apply(model, [MOE_STEPS[key]], tokens, progress=False)
+    report = result.steps[0].report
+    slices = expert_slices(model)
+    assert len(slices) == 2 * 2 * 4  # gate_up_proj and down_proj of 4 experts in 2 layers
+    for name, weight in slices.items():
+        if key.endswith("2:4"):
+            assert is_nm_sparse(weight, 2, 4), name
+        elif key == "sparsegpt":  # one column block: floor(sparsity * numel) in it
+            assert int((weight == 0).sum()) == weight.numel() // 2, name
+        else:
+            assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name
+        assert report["per_module"][name] == 0.5
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert report["uncalibrated_experts"] == []
+    # what changed: exactly the experts' parameters and the Linear targets; the router and the MoE gate stay dense
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    experts = {
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, FusedExperts)
+        for p in ("gate_up_proj", "down_proj")
+    }
+    linears = {f"{k}.weight" for k in report["per_module"] if not k.endswith("]")}
+    assert changed == experts | linears
+    assert not any(".mlp.gate." in n or "shared_expert_gate" in n for n in changed)
+    assert report["modules"] == len(slices) + len(linears)
+    if arch == "qwen2_moe":
+        assert report["left_dense"] == [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
+        assert any("shared_expert.down_proj" in k for k in linears)  # the shared expert is an MLP, pruned
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=tokens).logits).all()
+
+
+def test_dsnot_refines_what_magnitude_left_in_the_experts():
+    """``init: previous`` reads each expert's dense slice from the 3-D original parameters."""
+    model = make_moe("mixtral")
+    tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    steps = [
+        {"pass": "magnitude", "config": {"sparsity": 0.5, "scope": "row"}, "targets": ["re:.*layers\\..*"]},
+        {"pass": "dsnot", "config": {"init": "previous", "refine_mlp": True}},
+    ]
+    result = compressx.apply(model, steps, tokens, progress=False)
+    report = result.steps[1].report
+    refined = [k for k in report["refinement"] if ".experts." in k]
+    assert len(refined) == 16 and report["expected_error_reduction"] > 0
+    for name, weight in expert_slices(model).items():
+        assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name

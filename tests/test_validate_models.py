@@ -76,15 +76,21 @@ def test_gpt2_tied_lm_head_is_refused_by_validate(tmp_path):
 
 
 @pytest.mark.parametrize("pass_name", ["wanda", "sparsegpt", "dsnot"])
-def test_calibration_passes_on_fused_moe_experts_are_refused_by_validate(pass_name, tmp_path):
+def test_calibration_passes_on_fused_moe_experts_are_checked_by_layout_in_validate(pass_name, tmp_path):
     config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
     model = {"source": "hf", "id": hf_dir(tmp_path, config)}
+    assert validate(model, [{"pass": pass_name}], data=CALIBRATION) is None  # calibrated per expert
+    assert validate(model, [{"pass": "magnitude"}]) is None  # magnitude prunes them per expert too
+    # gpt-oss experts (biases, clamped activation): a layout the calibration cannot recompute
+    config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2)  # fmt: skip
+    model = {"source": "hf", "id": hf_dir(tmp_path, config)}
     problems = validate(model, [{"pass": pass_name}], data=CALIBRATION)
-    assert problems is not None and "fused expert parameters" in problems
-    assert "model.layers.0.mlp.experts.gate_up_proj" in problems
+    assert problems is not None and "'model.layers.0.mlp.experts' (GptOssExperts" in problems
+    assert "cannot calibrate this experts layout: prune it with magnitude, or add it to ignore" in problems
     assert validate(model, [{"pass": pass_name, "ignore": ["re:.*\\.experts"]}], data=CALIBRATION) is None
-    assert validate(model, [{"pass": "magnitude"}]) is None  # magnitude prunes them per expert
 
 
 # ---- vtw / fastv on multimodal models they cannot hook ------------------------------------------------------------

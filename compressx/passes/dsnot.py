@@ -32,8 +32,17 @@ Where this follows the paper rather than the reference code (bugs of the referen
 * A variance of exactly zero is floored at 1e-12 before the division.
 
 Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
-Linear) inside the decoder layers, in place; irreversible. Fused MoE expert parameters are refused (prune them with
-``magnitude``); NaN/Inf weights or calibration inputs are refused naming the module.
+Linear) inside the decoder layers, in place; irreversible. NaN/Inf weights or calibration inputs are refused naming
+the module.
+
+Mixture-of-experts (an addition: the paper and reference code cover dense models only): fused experts (Mixtral,
+Qwen-MoE) are pruned and refined per expert slice, each with the statistics (mean, within-sequence variance,
+norms, Hessian for ``init: sparsegpt``) of the inputs that expert receives — the tokens the router sends it, and
+their ``act_fn(gate) * up`` for ``down_proj`` (``compressx.layerwise``). Experts sit in the MLP, so by default
+(``refine_mlp: false``) they get the initial mask only. The router is never changed; a gate Linear beside the
+experts (``shared_expert_gate``) is left dense (report: ``left_dense``). An expert no calibration token reached
+is pruned by magnitude per row (or N:M block) and not refined (report: ``uncalibrated_experts``); with
+``init: previous`` it keeps the earlier step's mask.
 """
 
 from __future__ import annotations
@@ -53,13 +62,15 @@ from compressx.layerwise import (
     LinearStats,
     calibrate_layers,
     is_mlp,
-    layerwise_nm_problems,
     layerwise_problems,
+    layerwise_target_problems,
+    moe_gates,
+    prune_uncalibrated,
 )
 from compressx.ops.pruning_scores import sparsegpt_prune, sparsegpt_scores, wanda_scores
-from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
+from compressx.ops.sparsity import nm_mask, resolve_pattern, topk_mask
 from compressx.registry import Need, PassContext, PassResult, register_pass
-from compressx.targets import TransposedLinear, weight_matrix
+from compressx.targets import FusedExperts, TransposedLinear, expert_matrices, weight_matrices, weight_tensors
 
 REFERENCE_SEQ_LEN = 2048  # the sequence length the reference threshold is expressed at
 _VAR_FLOOR = 1e-12
@@ -256,18 +267,31 @@ def initial_mask(
     return dense * keep, keep, score
 
 
+def original_matrices(layer: CalibratedLayer, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense ``[out, in]`` weight matrices of ``layer`` (keyed like ``layer.matrices``) from ``originals``
+    (``ctx.original_weights``: full name -> the weight as its module holds it, 3-D for fused experts)."""
+    dense = {}
+    for name, module in layer.linears.items():
+        stored = {key: originals[layer.prefix + key] for key in weight_tensors(name, module)}
+        if isinstance(module, FusedExperts):
+            dense.update(expert_matrices(stored, bool(getattr(module, "is_transposed", False))))
+        else:
+            dense[name] = stored[name].t() if isinstance(module, TransposedLinear) else stored[name]
+    return dense
+
+
 def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotConfig, ctx: PassContext) -> None:
-    """Prune one decoder layer's Linears with the initial method and refine their masks; sets ``layer.info``.
-    A function of its own so that its weight-sized temporaries are freed before the next layer is calibrated."""
+    """Prune one decoder layer's weight matrices (Linears, expert slices) with the initial method and refine their
+    masks; sets ``layer.info``. A function of its own so that its weight-sized temporaries are freed before the next
+    layer is calibrated."""
     threshold = config.update_threshold / REFERENCE_SEQ_LEN
     layer.info = {}  # this layer's part of the report: kept in the layer checkpoint
-    for name, linear in layer.linears.items():
+    originals = original_matrices(layer, ctx.original_weights) if config.init == "previous" else {}
+    for name, weight in layer.matrices.items():  # [out, in] views (of a Conv1D's [in, out] weight, of an expert)
         s = layer.stats[name]
-        weight = weight_matrix(linear)  # [out, in], a view of a Conv1D's [in, out] weight
         if config.init == "previous":
             current = weight.detach().float()
-            original = ctx.original_weights[layer.prefix + name]  # stored as the module holds it
-            dense = (original.t() if isinstance(linear, TransposedLinear) else original).to(current)
+            dense = originals[name].to(current)
             keep, score = current != 0, wanda_scores(current, s.sq_norm)
         else:
             dense = weight
@@ -286,6 +310,8 @@ def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotCon
             "mean_abs_error_after": result.error_after.abs().mean().item(),
             "mean_swaps_per_row": result.swaps.float().mean().item(),
         }
+    if config.init != "previous":  # with ``previous`` an expert without tokens keeps the earlier step's mask
+        prune_uncalibrated(layer, config.sparsity, config.nm)
 
 
 @register_pass(
@@ -297,14 +323,21 @@ def _prune_and_refine(model: nn.Module, layer: CalibratedLayer, config: DsnotCon
     target_types=LAYERWISE_TYPES,
     needs=("calibration", Need("original_weights", when=lambda config: config.init == "previous")),
     default_targets=DECODER_LINEARS,
-    check=layerwise_nm_problems,
+    check=layerwise_target_problems,
     check_model=layerwise_problems,
 )
 def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> PassResult:
     """Prune with the initial method and refine each mask with DSnoT, layer by layer."""
     if config.init == "previous":  # check every mask before any layer is refined
-        for name, module in ctx.targets.items():
-            keep = weight_matrix(module) != 0
+        gates = moe_gates(model, ctx.targets)  # left dense by every layer-wise pass
+        matrices = {
+            key: w
+            for name, m in ctx.targets.items()
+            if name not in gates
+            for key, w in weight_matrices(name, m).items()
+        }
+        for name, weight in matrices.items():
+            keep = weight != 0
             if bool(keep.all()):
                 raise ConfigError(f"init: previous, but '{name}' has no zeros: run a pruning step before dsnot")
             if config.nm and not bool((keep.reshape(-1, config.nm[1]).sum(dim=1) == config.nm[0]).all()):
@@ -318,7 +351,7 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
         for layer in calibration:
             _prune_and_refine(model, layer, config, ctx)
     refined = {key: value for info in calibration.infos.values() for key, value in info.items()}
-    report = sparsity_report(calibration.counts)
+    report = calibration.report()
     before = sum(r["mean_abs_error_before"] for r in refined.values())
     after = sum(r["mean_abs_error_after"] for r in refined.values())
     report.update(

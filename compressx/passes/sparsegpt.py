@@ -20,8 +20,15 @@ quantile, one more); per-row scope is an addition; a Hessian that float32 roundi
 is factorised in float64 (logged) where the reference code stops with an error.
 
 Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
-Linear) inside the decoder layers, in place; irreversible. Fused MoE expert parameters are refused (prune them with
-``magnitude``); NaN/Inf weights or calibration inputs are refused naming the module, before any factorisation.
+Linear) inside the decoder layers, in place; irreversible. NaN/Inf weights or calibration inputs are refused naming
+the module, before any factorisation.
+
+Mixture-of-experts (an addition: the paper and reference code cover dense models only): fused experts (Mixtral,
+Qwen-MoE) are pruned per expert slice, each with the Hessian of the inputs that expert receives — the tokens the
+router sends it, and their ``act_fn(gate) * up`` for ``down_proj`` (``compressx.layerwise``). The router is never
+changed; a gate Linear beside the experts (``shared_expert_gate``) is left dense (report: ``left_dense``). An
+expert no calibration token reached has a zero Hessian — the dead-input rule would zero all of it — so it is
+pruned by magnitude per row (or N:M block) instead, without update (report: ``uncalibrated_experts``).
 """
 
 from __future__ import annotations
@@ -39,13 +46,13 @@ from compressx.layerwise import (
     LAYERWISE_TYPES,
     CalibratedLayer,
     calibrate_layers,
-    layerwise_nm_problems,
     layerwise_problems,
+    layerwise_target_problems,
+    prune_uncalibrated,
 )
 from compressx.ops.pruning_scores import inverse_hessian_factor, sparsegpt_prune
-from compressx.ops.sparsity import resolve_pattern, sparsity_report
+from compressx.ops.sparsity import resolve_pattern
 from compressx.registry import PassContext, PassResult, register_pass
-from compressx.targets import weight_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +98,12 @@ class SparsegptConfig(PassConfig):
 
 
 def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
-    """Prune and update one decoder layer's Linears. A function of its own so that nothing it made (updated
-    weights, onloaded weight views) stays alive while the next layer is calibrated."""
+    """Prune and update one decoder layer's weight matrices (Linears, expert slices). A function of its own so that
+    nothing it made (updated weights, onloaded weight views) stays alive while the next layer is calibrated."""
     # Linears fed the same inputs (q/k/v, gate/up) have equal Hessians: factorise each distinct one once
     factors: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
-    for name, linear in layer.linears.items():
-        weight = weight_matrix(linear)
-        hessian = layer.stats[name].hessian.to(weight.device)
+    for key, weight in layer.matrices.items():
+        hessian = layer.stats[key].hessian.to(weight.device)
         factor = next((f for h, f in factors if torch.equal(h, hessian)), None)
         if factor is None:
             factor = inverse_hessian_factor(hessian, config.percdamp)
@@ -107,6 +113,7 @@ def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
             scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp, factor=factor,
         )  # fmt: skip
         weight.copy_(new_weight)
+    prune_uncalibrated(layer, config.sparsity, config.nm)
 
 
 @register_pass(
@@ -118,7 +125,7 @@ def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=layerwise_nm_problems,
+    check=layerwise_target_problems,
     check_model=layerwise_problems,
 )
 def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext) -> PassResult:
@@ -130,4 +137,4 @@ def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext)
     with torch.no_grad():
         for layer in calibration:
             _prune_layer(layer, config)
-    return PassResult(report=sparsity_report(calibration.counts))
+    return PassResult(report=calibration.report())

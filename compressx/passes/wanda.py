@@ -10,9 +10,15 @@ Calibration is layer by layer (``compressx.layerwise``): each decoder layer's in
 outputs of the already-pruned layers before it.
 
 Touches: the ``weight`` of the targeted ``Linear`` modules (and transformers ``Conv1D``, GPT-2's transposed
-Linear) inside the decoder layers (default: all of them), in place; irreversible. Fused MoE expert parameters
-(Mixtral, Qwen-MoE) are refused (prune them with ``magnitude``). The report is a census of the weights after
-pruning; NaN/Inf weights or calibration inputs are refused naming the module.
+Linear) inside the decoder layers (default: all of them), in place; irreversible. NaN/Inf weights or calibration
+inputs are refused naming the module. The report is a census of the weights after pruning.
+
+Mixture-of-experts (an addition: the paper and reference code cover dense models only): fused experts (Mixtral,
+Qwen-MoE: ``experts.gate_up_proj[e]``, ``experts.down_proj[e]``) are pruned per expert, each slice with the norms
+of the inputs that expert receives — the tokens the router sends it, and their ``act_fn(gate) * up`` for
+``down_proj`` (``compressx.layerwise``). The router is not a Linear and is never changed; a gate Linear beside
+the experts (Qwen2-MoE's ``shared_expert_gate``) is left dense (report: ``left_dense``). An expert no calibration
+token reached is pruned by magnitude per row (or N:M block) instead (report: ``uncalibrated_experts``).
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ from compressx.layerwise import (
     LAYERWISE_TYPES,
     CalibratedLayer,
     calibrate_layers,
-    layerwise_nm_problems,
     layerwise_problems,
+    layerwise_target_problems,
+    prune_uncalibrated,
 )
 from compressx.ops.pruning_scores import wanda_scores
-from compressx.ops.sparsity import nm_mask, resolve_pattern, sparsity_report, topk_mask
+from compressx.ops.sparsity import nm_mask, resolve_pattern, topk_mask
 from compressx.registry import PassContext, PassResult, register_pass
-from compressx.targets import weight_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +80,12 @@ def wanda_mask(
 
 
 def _prune_layer(layer: CalibratedLayer, config: WandaConfig) -> None:
-    """Prune one decoder layer's Linears. A function of its own so that nothing it made (masks, onloaded weight
-    views) stays alive while the next layer is calibrated."""
-    for name, linear in layer.linears.items():
-        weight = weight_matrix(linear)
-        keep = wanda_mask(weight, layer.stats[name].sq_norm, config.sparsity, config.nm)
+    """Prune one decoder layer's weight matrices (Linears, expert slices). A function of its own so that nothing it
+    made (masks, onloaded weight views) stays alive while the next layer is calibrated."""
+    for key, weight in layer.matrices.items():
+        keep = wanda_mask(weight, layer.stats[key].sq_norm, config.sparsity, config.nm)
         weight.masked_fill_(~keep.to(weight.device), 0.0)
+    prune_uncalibrated(layer, config.sparsity, config.nm)
 
 
 @register_pass(
@@ -91,7 +97,7 @@ def _prune_layer(layer: CalibratedLayer, config: WandaConfig) -> None:
     target_types=LAYERWISE_TYPES,
     needs=("calibration",),
     default_targets=DECODER_LINEARS,
-    check=layerwise_nm_problems,
+    check=layerwise_target_problems,
     check_model=layerwise_problems,
 )
 def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> PassResult:
@@ -103,4 +109,4 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
     with torch.no_grad():
         for layer in calibration:
             _prune_layer(layer, config)
-    return PassResult(report=sparsity_report(calibration.counts))
+    return PassResult(report=calibration.report())

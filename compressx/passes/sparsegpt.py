@@ -100,14 +100,14 @@ class SparsegptConfig(PassConfig):
 def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
     """Prune and update one decoder layer's weight matrices (Linears, expert slices). A function of its own so that
     nothing it made (updated weights, onloaded weight views) stays alive while the next layer is calibrated."""
-    # Linears fed the same inputs (q/k/v, gate/up) have equal Hessians: factorise each distinct one once
-    factors: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    # Linears fed the same inputs (q/k/v, gate/up) come one after the other and have equal Hessians: one
+    # factorisation serves the run; only the latest is kept (an MoE layer has two distinct ones per expert)
+    last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     for key, weight in layer.matrices.items():
         hessian = layer.stats[key].hessian.to(weight.device)
-        factor = next((f for h, f in factors if torch.equal(h, hessian)), None)
-        if factor is None:
-            factor = inverse_hessian_factor(hessian, config.percdamp)
-            factors.append((hessian, factor))
+        if last is None or not torch.equal(last[0], hessian):
+            last = (hessian, inverse_hessian_factor(hessian, config.percdamp))
+        factor = last[1]
         new_weight, _ = sparsegpt_prune(
             weight, hessian, config.sparsity, config.nm,
             scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp, factor=factor,

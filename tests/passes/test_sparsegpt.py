@@ -119,3 +119,20 @@ def test_pass_row_scope_exact_per_row(tiny_llama):
     for name, module in tiny_llama.named_modules():
         if isinstance(module, nn.Linear) and ".layers." in name:
             assert torch.all((module.weight == 0).sum(dim=1) == int(0.6 * module.in_features)), name
+
+
+def test_linears_fed_the_same_inputs_share_one_factorisation(tiny_llama, monkeypatch):
+    """q/k/v and gate/up see the same tensor: 4 factorisations per decoder layer, not 7 (results: the layer-wise
+    reference tests compare the pass with per-Linear factorisations bit for bit)."""
+    import compressx.passes.sparsegpt as sparsegpt_pass
+
+    calls = []
+    factorise = sparsegpt_pass.inverse_hessian_factor
+    monkeypatch.setattr(
+        sparsegpt_pass, "inverse_hessian_factor", lambda h, p: calls.append(h.shape) or factorise(h, p)
+    )
+    compressx.apply(tiny_llama, [{"pass": "sparsegpt", "config": {"sparsity": 0.5}}], data=TOKENS, progress=False)
+    layers = len(tiny_llama.model.layers)
+    hidden, intermediate = tiny_llama.config.hidden_size, tiny_llama.config.intermediate_size
+    per_layer = [(hidden, hidden), (hidden, hidden), (hidden, hidden), (intermediate, intermediate)]
+    assert calls == per_layer * layers

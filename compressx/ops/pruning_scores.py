@@ -100,28 +100,26 @@ def sparsegpt_prune(
     row_counts = _block_prune_counts(cols, blocksize, sparsity) if scope == "row" else None
     for block, start in enumerate(range(0, cols, blocksize)):
         end = min(start + blocksize, cols)
-        w1, u1 = w[:, start:end].clone(), u[start:end, start:end]
-        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
-        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        w1, d1 = w[:, start:end].clone(), torch.diag(u)[start:end]
+        # the block's rows of U divided by their diagonal: the error of pruning w[:, i] is w[:, i] / U_ii, spread
+        # over the later columns by U[i, i+1:]; with 1/U_ii folded in, it is the pruned value times this row
+        spread = u[start:end, start:] / d1[:, None]
         if nm is None:
-            scores = w1.pow(2) / torch.diag(u1).pow(2)[None, :]
+            scores = w1.pow(2) / d1.pow(2)[None, :]
             if scope == "row":
                 mask1 = lowest_mask(scores, row_counts[block])
             else:
                 count = pruned_count(sparsity, scores.numel())
                 mask1 = lowest_mask(scores.reshape(1, -1), count).reshape(scores.shape)
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(end - start):
-            column = w1[:, i]
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                scores = w1[:, i : i + m].pow(2) / torch.diag(u1)[i : i + m].pow(2)[None, :]
-                mask1[:, i : i + m] = lowest_mask(scores, m - n)
-            q = column.masked_fill(mask1[:, i], 0.0)
-            q1[:, i] = q
-            e = (column - q) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # the OBS update, a rank-1 update in place
-            err1[:, i] = e
-        w[:, start:end] = q1
+                mask1[:, i : i + m] = lowest_mask(w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2)[None, :], m - n)
+            # column i is final from here on (only later columns are updated): the OBS update, in place
+            w1[:, i + 1 :].addr_(w1[:, i] * mask1[:, i], spread[i, i + 1 : end - start], alpha=-1.0)
+        w[:, start:end] = w1.masked_fill(mask1, 0.0)
         pruned[:, start:end] = mask1
-        w[:, end:] -= err1 @ u[start:end, end:]
+        w[:, end:] -= (w1 * mask1) @ spread[:, end - start :]
     return w.to(weight.dtype), ~pruned

@@ -320,3 +320,16 @@ def randomise_layernorms(model, generator):
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 3 + 0.1)
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+
+
+def with_random_experts(model):
+    """Fused expert parameters drawn from N(0, 0.05): transformers leaves them at a zero-variance init in some
+    versions, and pruning needs distinct magnitudes."""
+    from compressx.targets import FusedExperts
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FusedExperts):
+                for param in module.parameters(recurse=False):
+                    param.normal_(0, 0.05)
+    return model

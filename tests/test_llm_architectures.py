@@ -119,7 +119,7 @@ def test_layerwise_passes_find_the_decoder_layers_of_any_decoder(arch, pass_name
 def make_moe(arch, seed=0):
     """Tiny Mixtral / Qwen2-MoE (hidden 32, 2 layers, 4 experts, top-2); fused experts drawn from N(0, 0.05) (their
     init leaves them at zero variance in some transformers versions)."""
-    from compressx.targets import FusedExperts
+    from conftest import with_random_experts
 
     base = {**TINY, "num_key_value_heads": 2}
     if arch == "mixtral":
@@ -131,13 +131,7 @@ def make_moe(arch, seed=0):
                                              decoder_sparse_step=1)  # fmt: skip
         model_cls = transformers.Qwen2MoeForCausalLM
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FusedExperts):
-                for param in module.parameters(recurse=False):
-                    param.normal_(0, 0.05)
-    return model
+    return with_random_experts(model_cls(config).eval())
 
 
 def expert_slices(model):

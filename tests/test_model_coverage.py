@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import with_random_experts
 from safetensors.torch import load_file
 from transformers import (
     GPT2Config,
@@ -33,17 +34,6 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
-
-
-def with_random_experts(model):
-    """Fused expert parameters drawn from N(0, 0.05): transformers leaves them at a zero-variance init in some
-    versions, and pruning needs distinct magnitudes."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FusedExperts):
-                for param in module.parameters(recurse=False):
-                    param.normal_(0, 0.05)
-    return model
 
 
 def make_mixtral(seed: int = 0) -> MixtralForCausalLM:

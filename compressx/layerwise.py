@@ -37,7 +37,7 @@ zeroed. The router (not a Linear) is never a target; a Linear beside fused exper
 Architectures: the decoder layers are found from the model itself (``compressx.targets.decoder_layers_path``: the
 ``ModuleList`` of the blocks transformers names in ``_no_split_modules``), so any decoder-only LM transformers
 ships works whose layers take the hidden states first (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, Falcon,
-OPT...). ``DECODER_LAYERS`` (model_type -> path of the decoder layer list) overrides that for a model it gets wrong.
+OPT...). For a model it gets wrong, or one without such a list, a step names the list: ``config: {layers: ...}``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from compressx.memory import release_freed_memory
 from compressx.offload import offloaded_modules, onloaded, write_back
 from compressx.ops.sparsity import check_finite, nm_mask, nm_shape_problems, sparsity_report, topk_mask
 from compressx.targets import (
-    DECODER_LAYERS,  # noqa: F401 (documented here too)
     FusedExperts,
     TransposedLinear,
     expert_key,
@@ -80,31 +79,45 @@ LAYERWISE_TYPES = (nn.Linear, TransposedLinear, FusedExperts)
 _EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The dotted path and the ModuleList of a model's decoder layers; a clear error when they cannot be found."""
+def decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The dotted path and the ModuleList of a model's decoder layers: ``path`` (a pass's ``layers`` option) when
+    given, else found from the model (``compressx.targets.decoder_layers_path``); a clear error when neither works."""
     from compressx.targets import decoder_layers_path
 
-    path = decoder_layers_path(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    hint = f" (its ModuleLists: {', '.join(lists[:6])})" if lists else ""
     if path is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        path = decoder_layers_path(model)
+        if path is None:
+            raise CompressxError(
+                f"layer-by-layer calibration cannot find the decoder layers of {type(model).__name__} "
+                f"(model_type {model_type!r}): it has no ModuleList of repeated blocks{hint}. Name the ModuleList "
+                "of its decoder layers in the step's config, e.g. `config: {layers: model.layers}`"
+            )
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
         raise CompressxError(
-            f"layer-by-layer calibration cannot find the decoder layers of {type(model).__name__} "
-            f"(model_type {model_type!r}): it has no ModuleList of repeated blocks. Name the path of its "
-            "decoder-layer ModuleList for its model_type in compressx.layerwise.DECODER_LAYERS"
+            f"layers: {type(model).__name__} (model_type {model_type!r}) has no module {path!r}; name the ModuleList "
+            f"of its decoder layers{hint}"
+        ) from None
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise CompressxError(
+            f"layers: {path!r} of {type(model).__name__} is a {type(layers).__name__}, not a ModuleList of decoder "
+            f"layers; name the ModuleList of its decoder layers{hint}"
         )
-    layers = model.get_submodule(path)
-    if not isinstance(layers, nn.ModuleList):
-        raise CompressxError(f"{type(model).__name__}: {path!r} is a {type(layers).__name__}, not a ModuleList")
     return path, layers
 
 
 def layerwise_problems(model: nn.Module, config: object = None) -> list[str]:
-    """``register_pass(check_model=...)`` of the layer-wise passes: why ``model``'s decoder layers cannot be found."""
+    """``register_pass(check_model=...)`` of the layer-wise passes: why ``model``'s decoder layers cannot be found
+    (at ``config.layers`` when the step names them)."""
     if not isinstance(model, nn.Module):
         return [f"layer-by-layer calibration needs a torch model, got {type(model).__name__}"]
     try:
-        decoder_layers(model)
-    except (CompressxError, AttributeError) as err:
+        decoder_layers(model, getattr(config, "layers", None))
+    except CompressxError as err:
         return [str(err)]
     return []
 
@@ -292,10 +305,10 @@ def _to(value: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, tokens: torch.Tensor, batch_size: int
+    model: nn.Module, tokens: torch.Tensor, batch_size: int, layers_path: str | None = None
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Run ``tokens`` through the model up to its first decoder layer; return its inputs per micro-batch."""
-    _, layers = decoder_layers(model)
+    _, layers = decoder_layers(model, layers_path)
 
     signature = inspect.signature(layers[0].forward).parameters
     parameters = list(signature)
@@ -446,6 +459,7 @@ class LayerwiseCalibration:
             forwards and for pruning, and the pruned weights are written back (``compressx.offload``).
         progress: show a progress bar over layers.
         checkpoint: save each pruned layer there; when it resumes, load the saved layers instead of yielding them.
+        layers: the dotted path of the decoder-layer ModuleList (default: found from the model).
 
     After the loop: ``counts`` maps every weight matrix (per expert for fused experts) to ``(exact zeros, numel)``
     after pruning (read while its weight was onloaded); ``infos`` maps each layer index to the ``info`` the pass
@@ -465,13 +479,15 @@ class LayerwiseCalibration:
         device: str | torch.device | None = None,
         progress: bool = True,
         checkpoint: LayerCheckpoints | None = None,
+        layers: str | None = None,
     ) -> None:
-        self.path, self.layers = decoder_layers(model)
+        self.path, self.layers = decoder_layers(model, layers)
         outside = [name for name in targets if not name.startswith(f"{self.path}.")]
         if outside:
             raise CompressxError(
                 f"layer-by-layer pruning changes Linear layers inside the decoder layers ({self.path}.*); "
-                f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore"
+                f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore, or give "
+                f"targets inside them (e.g. targets: ['{self.path}'])"
             )
         problems = [
             problem
@@ -581,7 +597,7 @@ class LayerwiseCalibration:
             self.checkpoint.begin(model, self.tokens, self.targets)
         try:
             with torch.no_grad():
-                hiddens, kwargs_list = capture_layer_inputs(model, self.tokens, self.batch_size)
+                hiddens, kwargs_list = capture_layer_inputs(model, self.tokens, self.batch_size, self.path)
             hiddens = [h.to(self.device) for h in hiddens]
             kwargs_list = [_to(kw, self.device) for kw in kwargs_list]
             bar = tqdm(range(len(layers)), desc="pruning decoder layers", disable=not self.progress, unit="layer")

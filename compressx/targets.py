@@ -195,24 +195,15 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-# model_type (transformers config) -> dotted path of the ModuleList of decoder layers, for a model whose layers
-# ``decoder_layers_path`` does not find by itself (none known today)
-DECODER_LAYERS: dict[str, str] = {}
-
-
 def decoder_layers_path(model: nn.Module) -> str | None:
     """The dotted path of a causal LM's decoder-layer ``ModuleList``; None when there is none.
 
     Found from the model itself: a ``ModuleList`` of blocks of a class transformers keeps whole when it splits a
     model across devices (``_no_split_modules``: the decoder layers, e.g. ``LlamaDecoderLayer``, ``GPT2Block``;
     a multimodal model also lists its vision blocks, so of several such lists the one holding the most
-    parameters); for a model without that list, the list of identical blocks holding the most parameters.
-    ``DECODER_LAYERS`` (model_type -> path; also ``compressx.layerwise.DECODER_LAYERS``) overrides both, for a
-    model they get wrong.
+    parameters); for a model without that list, the list of identical blocks holding the most parameters. A model
+    this gets wrong: the layer-wise passes' ``layers`` option names the list.
     """
-    known = DECODER_LAYERS.get(getattr(getattr(model, "config", None), "model_type", None))
-    if known is not None:
-        return known
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     best, best_key = None, (0, 0)
     for name, module in model.named_modules():

@@ -109,17 +109,73 @@ def test_model_without_decoder_layers_gets_one_clear_error():
         decoder_layers(_NoLayers())
     message = str(err.value)
     assert "cannot find the decoder layers of _NoLayers (model_type 'toy_lm')" in message
-    assert "compressx.layerwise.DECODER_LAYERS" in message
+    assert "in the step's config, e.g. `config: {layers: model.layers}`" in message
 
 
-def test_decoder_layers_table_overrides_the_search(tiny_llama, monkeypatch):
-    from compressx import layerwise
+def test_layers_option_names_the_decoder_layers(tiny_llama):
+    assert decoder_layers(tiny_llama, "model.layers")[0] == "model.layers"
+    with pytest.raises(CompressxError, match="'model.norm' of LlamaForCausalLM is a LlamaRMSNorm, not a ModuleList"):
+        decoder_layers(tiny_llama, "model.norm")
+    with pytest.raises(CompressxError, match="has no module 'model.blocks'; .*its ModuleLists: model.layers"):
+        decoder_layers(tiny_llama, "model.blocks")
 
-    monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.layers")
-    assert decoder_layers(tiny_llama)[0] == "model.layers"
-    monkeypatch.setitem(layerwise.DECODER_LAYERS, tiny_llama.config.model_type, "model.norm")
-    with pytest.raises(CompressxError, match="'model.norm' is a LlamaRMSNorm, not a ModuleList"):
-        decoder_layers(tiny_llama)
+
+class _Block(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, width), torch.nn.Linear(width, 8)
+
+    def forward(self, hidden, **kwargs):
+        return hidden + self.down(torch.relu(self.up(hidden)))
+
+
+class _WideBlock(_Block):  # another class: the search wants a list of identical blocks
+    pass
+
+
+class _MixedBlocksLM(torch.nn.Module):
+    """A toy LM whose decoder layers are of two classes, so the search finds no list of repeated blocks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = types.SimpleNamespace(model_type="mixed_lm", use_cache=False)
+        self.embed = torch.nn.Embedding(16, 8)
+        self.blocks = torch.nn.ModuleList([_Block(16), _WideBlock(32)])
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, **kwargs):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden)
+
+
+def test_a_step_with_wrong_layers_is_refused_before_any_work(tiny_llama):
+    import compressx
+
+    before = tiny_llama.model.layers[0].mlp.up_proj.weight.clone()
+    step = {"pass": "sparsegpt", "config": {"sparsity": 0.5, "layers": "model.norm"}}
+    message = r"steps\[0\]: layers: 'model.norm' of LlamaForCausalLM is a LlamaRMSNorm"
+    with pytest.raises(CompressxError, match=message):
+        compressx.apply(tiny_llama, [step], torch.randint(0, 64, (2, 8)), progress=False)
+    assert torch.equal(tiny_llama.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_layers_option_calibrates_a_model_the_search_cannot_read():
+    model = _MixedBlocksLM()
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")}
+    tokens = torch.randint(0, 16, (4, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CompressxError, match="cannot find the decoder layers of _MixedBlocksLM .*ModuleLists: blocks"):
+        calibrate_layers(model, tokens, targets)
+    from compressx.passes.wanda import wanda_mask
+
+    calibration = calibrate_layers(model, tokens, targets, layers="blocks", progress=False)
+    with torch.no_grad():
+        for layer in calibration:
+            for key, weight in layer.matrices.items():
+                weight.masked_fill_(~wanda_mask(weight, layer.stats[key].sq_norm, 0.5, None), 0.0)
+    assert {n: z / t for n, (z, t) in calibration.counts.items()} == {n: 0.5 for n in targets}
 
 
 def _whole_model_reference(model, tokens, batch_size, with_hessian, prune_linear):

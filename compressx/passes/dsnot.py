@@ -98,6 +98,7 @@ class DsnotConfig(PassConfig):
         blocksize, percdamp: SparseGPT settings for ``init: sparsegpt``.
         batch_size: calibration sequences per forward of a decoder layer.
         device: where each decoder layer runs during calibration (default: where the model is).
+        layers: the dotted path of the model's decoder-layer ModuleList (default: found from the model).
     """
 
     init: Literal["wanda", "magnitude", "sparsegpt", "previous"] = "wanda"
@@ -112,6 +113,7 @@ class DsnotConfig(PassConfig):
     percdamp: float = 0.01
     batch_size: int = 1
     device: str | None = None
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         if self.init == "previous" and self.sparsity is not None:
@@ -345,7 +347,7 @@ def apply_dsnot(model: nn.Module, config: DsnotConfig, ctx: PassContext) -> Pass
 
     calibration = calibrate_layers(
         model, ctx.calibration, ctx.targets, with_hessian=config.init == "sparsegpt", batch_size=config.batch_size,
-        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint, layers=config.layers,
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:

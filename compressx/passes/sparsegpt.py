@@ -68,6 +68,7 @@ class SparsegptConfig(PassConfig):
         percdamp: dampening, as a fraction of the mean Hessian diagonal (reference default 0.01).
         batch_size: calibration sequences per forward of a decoder layer.
         device: where each decoder layer runs during calibration (default: where the model is).
+        layers: the dotted path of the model's decoder-layer ModuleList (default: found from the model).
     """
 
     sparsity: float | None = None
@@ -77,6 +78,7 @@ class SparsegptConfig(PassConfig):
     percdamp: float = 0.01
     batch_size: int = 1
     device: str | None = None
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         sparsity, nm = resolve_pattern(self.sparsity, self.pattern)
@@ -131,8 +133,8 @@ def _prune_layer(layer: CalibratedLayer, config: SparsegptConfig) -> None:
 def apply_sparsegpt(model: nn.Module, config: SparsegptConfig, ctx: PassContext) -> PassResult:
     """Prune and update the target Linears layer by layer with SparseGPT; report the sparsity reached."""
     calibration = calibrate_layers(
-        model, ctx.calibration, ctx.targets, with_hessian=True, with_variance=False,
-        batch_size=config.batch_size, device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        model, ctx.calibration, ctx.targets, with_hessian=True, with_variance=False, batch_size=config.batch_size,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint, layers=config.layers,
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:

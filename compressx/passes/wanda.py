@@ -53,12 +53,14 @@ class WandaConfig(PassConfig):
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most 2 of every 4 inputs kept).
         batch_size: calibration sequences per forward of a decoder layer (memory vs speed; same result).
         device: where each decoder layer runs during calibration (default: where the model is).
+        layers: the dotted path of the model's decoder-layer ModuleList (default: found from the model).
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
     batch_size: int = 1
     device: str | None = None
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         sparsity, _ = resolve_pattern(self.sparsity, self.pattern)
@@ -104,7 +106,7 @@ def apply_wanda(model: nn.Module, config: WandaConfig, ctx: PassContext) -> Pass
     """Prune the target Linears layer by layer with Wanda scores; report the sparsity reached."""
     calibration = calibrate_layers(
         model, ctx.calibration, ctx.targets, with_variance=False, batch_size=config.batch_size,
-        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint,
+        device=config.device, progress=ctx.progress, checkpoint=ctx.checkpoint, layers=config.layers,
     )  # fmt: skip
     with torch.no_grad():
         for layer in calibration:

@@ -150,14 +150,19 @@ def experts_layout_problem(name: str, module: nn.Module) -> str | None:
     )
 
 
-def layerwise_target_problems(targets: dict[str, nn.Module], config: Any) -> list[str]:
-    """``register_pass(check=...)`` of the layer-wise passes: fused experts of a layout they cannot calibrate, and
-    weight matrices (per expert for fused experts) whose shape cannot take ``config.nm``."""
-    problems = [
+def experts_layout_problems(targets: dict[str, nn.Module]) -> list[str]:
+    """``experts_layout_problem`` of every fused experts module among ``targets``."""
+    return [
         problem
         for name, module in targets.items()
         if isinstance(module, FusedExperts) and (problem := experts_layout_problem(name, module))
     ]
+
+
+def layerwise_target_problems(targets: dict[str, nn.Module], config: Any) -> list[str]:
+    """``register_pass(check=...)`` of the layer-wise passes: fused experts of a layout they cannot calibrate, and
+    weight matrices (per expert for fused experts) whose shape cannot take ``config.nm``."""
+    problems = experts_layout_problems(targets)
     matrices = {key: w for name, m in targets.items() for key, w in weight_matrices(name, m).items()}
     return problems + nm_shape_problems(matrices, config.nm)
 
@@ -489,11 +494,7 @@ class LayerwiseCalibration:
                 f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} outside: add to ignore, or give "
                 f"targets inside them (e.g. targets: ['{self.path}'])"
             )
-        problems = [
-            problem
-            for name, module in targets.items()
-            if isinstance(module, FusedExperts) and (problem := experts_layout_problem(name, module))
-        ]
+        problems = experts_layout_problems(targets)
         if problems:
             raise CompressxError("; ".join(problems))
         self.gates = moe_gates(model, targets)
